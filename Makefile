@@ -1,0 +1,41 @@
+# The two commands of the README: `make ablations` (the main job) and `make test`. Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+STAMP := $(VENV)/.installed
+
+.PHONY: setup data fit test test-slow ablations bench clean
+
+# torch is pinned to the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]" "torch==2.13.0"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The embedded dataset: Debian's dataset-fashion-mnist (root only; otherwise the loader says what to do).
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; } || true
+
+fit: setup data
+	$(PY) -m lit_mpdit fit --config configs/fmnist.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+ablations: setup data
+	$(PY) -m ablations.sweep --profile $(PROFILE)
+
+bench: setup data
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) results/runs results/cache

@@ -1,0 +1,140 @@
+"""Magnitude-preserving primitives of EDM2 (Karras et al. 2024, arXiv 2312.02696).
+
+Each primitive keeps unit-variance inputs at unit variance. Equation numbers refer to EDM2.
+Functions where there are no weights; modules only where there are.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def normalize(w: torch.Tensor, dim: int | tuple[int, ...] | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """Scale every slice along `dim` (default: all but the first) to unit RMS, i.e. norm √fan_in (Eq. 47)."""
+    if dim is None:
+        dim = tuple(range(1, w.ndim))
+    rms = w.float().square().mean(dim=dim, keepdim=True).sqrt()
+    return w / (rms + eps).to(w.dtype)
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU divided by its output RMS for unit-normal input (Eq. 81)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Interpolate a → b by t and restore unit variance for independent unit-variance inputs (Eq. 88)."""
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+def rms_normalize(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Pixel norm along the last dimension: every vector to unit RMS (EDM2's cosine attention, Sec. 3.3)."""
+    return normalize(x, dim=-1, eps=eps)
+
+
+def sincos_table_2d(grid: int, dim: int) -> np.ndarray:
+    """The fixed 2-D sine-cosine positional table (grid² × dim) of ViT/MAE, computed in float64."""
+    if dim % 4:
+        raise ValueError(f"positional table needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    coords = np.arange(grid, dtype=np.float64)
+    gy, gx = np.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for g in (gy, gx):
+        angles = np.outer(g.reshape(-1), omega)  # (T, D/4)
+        parts += [np.sin(angles), np.cos(angles)]
+    return np.concatenate(parts, axis=1)  # (T, D)
+
+
+def mp_sincos_table_2d(grid: int, dim: int) -> np.ndarray:
+    """The sine-cosine table centred and scaled to unit RMS, so it can be mp_sum-merged with tokens."""
+    table = sincos_table_2d(grid, dim)
+    table = table - table.mean(axis=0, keepdims=True)
+    return table / np.sqrt(np.mean(table**2))
+
+
+def timestep_sinusoids(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoids of the raw timestep, as in DDPM/DiT (the rung-A time features)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+
+
+class MPLinear(nn.Module):
+    """Magnitude-preserving linear layer: no bias, N(0, 1) weights, weight normalization (Eq. 66).
+
+    With `forced` weight normalization the stored weight is itself rewritten to unit-RMS rows while
+    training (Eq. 67), so its scale cannot grow and the effective learning rate stays put.
+    """
+
+    def __init__(
+        self,
+        in_features: int,  # fan-in
+        out_features: int,  # number of output rows
+        gain: str = "one",  # "one" = fixed 1, "learned" = learned scalar from 1, "zero" = learned scalar from 0
+        forced: bool = True,  # forced weight normalization while training
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.forced = in_features, out_features, forced
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.gain = None if gain == "one" else nn.Parameter(torch.full([], 0.0 if gain == "zero" else 1.0))
+        self._cached: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight version, weight) at evaluation
+
+    def normalized_weight(self) -> torch.Tensor:
+        """normalize(w) / √fan_in, the weight a unit-variance input sees."""
+        if self.training and self.forced:
+            with torch.no_grad():
+                self.weight.copy_(normalize(self.weight))
+        if self.training or torch.is_grad_enabled():
+            return normalize(self.weight) / math.sqrt(self.in_features)
+        # Sampling runs the same weights hundreds of times: normalize once per weight version.
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, normalize(self.weight) / math.sqrt(self.in_features))
+        return self._cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.normalized_weight()
+        return F.linear(x, w if self.gain is None else w * self.gain)
+
+    def extra_repr(self) -> str:
+        gain = "one" if self.gain is None else "learned"
+        return f"{self.in_features}, {self.out_features}, gain={gain}, forced={self.forced}"
+
+
+class MPFourier(nn.Module):
+    """Fixed random Fourier features √2·cos(2π(f·s + φ)), unit variance for any s (Eq. 75)."""
+
+    def __init__(self, num_channels: int, bandwidth: float = 1.0):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return math.sqrt(2) * torch.cos(s.float()[:, None] * self.freqs[None] + self.phases[None])  # (N, C)
+
+
+class MPEmbedding(nn.Module):
+    """Class embedding table whose rows are forced to unit RMS, like MP linear weights (Eq. 67)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_embeddings, dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(normalize(self.weight))
+        return F.embedding(y, normalize(self.weight))

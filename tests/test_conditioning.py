@@ -1,0 +1,82 @@
+"""Conditioning strategies: identities at initialisation, rotations preserve norms, a registry that refuses unknown names."""
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS, Conditioning, rotate
+from lit_mpdit.errors import ConfigError
+
+ALL = [*NAMED_STRATEGIES, *OPERATIONS, "scale+shift+rotation"]
+
+
+@settings(deadline=None, max_examples=50)
+@given(d=st.integers(1, 64).map(lambda k: 2 * k), seed=st.integers(0, 10_000), angle_scale=st.floats(0.0, 100.0))
+def test_rotation_preserves_every_token_norm(d, seed, angle_scale):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 5, d, generator=g, dtype=torch.float64)
+    theta = torch.randn(3, 1, d // 2, generator=g, dtype=torch.float64) * angle_scale
+    out = rotate(h, theta)
+    torch.testing.assert_close(out.norm(dim=-1), h.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_is_a_pairwise_2d_rotation_and_inverts():
+    h = torch.randn(2, 3, 8, dtype=torch.float64)
+    theta = torch.randn(2, 1, 4, dtype=torch.float64)
+    out = rotate(h, theta)
+    i, j = 1, 1 + 4  # channel i pairs with i + D/2
+    c, s = torch.cos(theta[..., 1]), torch.sin(theta[..., 1])
+    torch.testing.assert_close(out[..., i], h[..., i] * c - h[..., j] * s)
+    torch.testing.assert_close(out[..., j], h[..., i] * s + h[..., j] * c)
+    torch.testing.assert_close(rotate(out, -theta), h)
+    quarter = torch.full((2, 1, 4), math.pi / 2, dtype=torch.float64)
+    torch.testing.assert_close(rotate(h, quarter), torch.cat([-h[..., 4:], h[..., :4]], dim=-1))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_is_identity_with_zero_head(name):
+    cond = Conditioning.parse(name)
+    h = torch.randn(4, 6, 32)
+    params = torch.zeros(4, cond.width(32))
+    torch.testing.assert_close(cond.modulate(h, params), h, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_strategy_changes_tokens_with_nonzero_head(name):
+    cond = Conditioning.parse(name)
+    h = torch.randn(4, 6, 32)
+    assert not torch.allclose(cond.modulate(h, torch.full((4, cond.width(32)), 0.3)), h)
+
+
+@pytest.mark.parametrize(
+    "name, ops, width",
+    [
+        ("adaln", ("scale", "shift"), 64),
+        ("shift", ("shift",), 32),
+        ("scale", ("scale",), 32),
+        ("rotation", ("rotation",), 16),
+        ("rotation+scale", ("scale", "rotation"), 48),
+        ("scale+rotation", ("scale", "rotation"), 48),
+        ("adaln+rotation", ("scale", "shift", "rotation"), 80),
+    ],
+)
+def test_strategies_parse_to_ordered_operations(name, ops, width):
+    cond = Conditioning.parse(name)
+    assert tuple(op.name for op in cond.operations) == ops
+    assert cond.width(32) == width  # a rotation needs half the head outputs of a shift
+
+
+def test_modulation_applies_scale_then_shift_then_rotation():
+    cond = Conditioning.parse("adaln+rotation")
+    h = torch.randn(2, 3, 8)
+    s, b, th = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4)
+    expected = rotate(h * (1 + s[:, None]) + b[:, None], th[:, None])
+    torch.testing.assert_close(cond.modulate(h, torch.cat([s, b, th], dim=-1)), expected)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "rotation+bogus", "", "AdaLN"])
+def test_unknown_strategy_names_the_allowed_ones(bad):
+    with pytest.raises(ConfigError, match="model.conditioning.*allowed: adaln, shift, scale, rotation, rotation\\+scale"):
+        Conditioning.parse(bad)
