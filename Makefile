@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]" "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev,latents]" "torch==2.13.0"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,207 @@
+"""Tables and plots of a sweep, from the cells' results and logs (never from typed-in numbers).
+
+    python -m ablations.report results/ablations/cpu     # rebuild the report of a finished sweep
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RUNGS = "ABCDE"
+
+
+def load_results(out: Path, cells: list[str]) -> pd.DataFrame:
+    """One row per grid cell: its result.json, or a row saying it has not finished."""
+    rows = []
+    for cell in cells:
+        path = out / "cells" / cell / "result.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+        else:
+            conditioning, mp, seed = cell.rsplit("-", 2)
+            rows.append({"cell": cell, "conditioning": conditioning, "mp": mp, "seed": int(seed[1:]), "status": "missing"})
+    return pd.DataFrame(rows)
+
+
+def t_quantile_975(dof: int) -> float:
+    """Two-sided 95% Student-t quantile (scipy is a dependency of the metrics anyway)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def fid_table(results: pd.DataFrame, baseline: dict[str, str]) -> pd.DataFrame:
+    """FID per (conditioning, rung): one seed → its bootstrap interval; several → a t-interval over seeds."""
+    rows = []
+    for (conditioning, mp), group in results.groupby(["conditioning", "mp"], sort=False):
+        done = group[group.status == "complete"]
+        row: dict[str, Any] = {"conditioning": conditioning, "mp": mp, "seeds": len(done)}
+        if len(done) == 0:
+            row |= {"fid": math.nan, "ci_low": math.nan, "ci_high": math.nan, "status": "; ".join(sorted(set(group.status)))}
+            if "reason" in group:
+                row["status"] += ": " + "; ".join(str(r)[:80] for r in group.reason.dropna())
+        elif len(done) == 1:
+            row |= {"fid": done.fid.iloc[0], "ci_low": done.fid_lo.iloc[0], "ci_high": done.fid_hi.iloc[0], "status": "complete"}
+        else:
+            mean, sem = done.fid.mean(), done.fid.std(ddof=1) / math.sqrt(len(done))
+            half = t_quantile_975(len(done) - 1) * sem
+            row |= {"fid": mean, "ci_low": mean - half, "ci_high": mean + half, "status": "complete"}
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    base = table[(table.conditioning == baseline["conditioning"]) & (table.mp == baseline["mp"])].fid
+    base_fid = base.iloc[0] if len(base) else math.nan
+    table["delta_pct"] = 100 * (table.fid - base_fid) / base_fid
+    return table
+
+
+def params_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Exact parameter counts with Δ% to adaln at the same rung, GFLOPs and training throughput."""
+    done = results[results.status == "complete"]
+    table = (
+        done.groupby(["conditioning", "mp"], sort=False)
+        .agg(params=("params", "first"), gflops=("gflops", "first"), train_images_per_s=("train_images_per_s", "mean"))
+        .reset_index()
+    )
+    adaln = table[table.conditioning == "adaln"].set_index("mp").params
+    table["delta_pct_vs_adaln"] = [100 * (p - adaln[mp]) / adaln[mp] if mp in adaln else math.nan for p, mp in zip(table.params, table.mp)]
+    return table
+
+
+def write_table(table: pd.DataFrame, path: Path, floatfmt: str = ".2f") -> None:
+    table.to_csv(path.with_suffix(".csv"), index=False)
+    path.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    path.with_suffix(".tex").write_text(table.to_latex(index=False, float_format=lambda v: format(v, floatfmt), na_rep="--"))
+
+
+# ----------------------------------------------------------------------------
+# Plots.
+
+
+def label(conditioning: str, mp: str) -> str:
+    return f"{conditioning} / {mp}"
+
+
+def plot_fid(table: pd.DataFrame, path: Path) -> None:
+    t = table.dropna(subset=["fid"]).reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(t) + 1.2))
+    colors = ["tab:blue" if mp == "A" else "tab:orange" if mp == "E" else "tab:gray" for mp in t.mp]
+    ax.barh(range(len(t)), t.fid, color=colors, alpha=0.7)
+    ax.errorbar(t.fid, range(len(t)), xerr=[t.fid - t.ci_low, t.ci_high - t.fid], fmt="none", ecolor="black", capsize=3)
+    ax.set_yticks(range(len(t)), [label(c, m) for c, m in zip(t.conditioning, t.mp)])
+    ax.invert_yaxis()
+    ax.set_xlabel("FID (lower is better), 95% interval")
+    ax.set_title("FID per cell (blue: rung A, orange: rung E)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fid_vs_params(fids: pd.DataFrame, params: pd.DataFrame, path: Path) -> None:
+    t = fids.merge(params, on=["conditioning", "mp"]).dropna(subset=["fid"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = dict(zip(["adaln", "shift", "scale", "rotation", "rotation+scale"], "osD^v"))
+    for (conditioning, mp), row in t.set_index(["conditioning", "mp"]).iterrows():
+        color = plt.cm.viridis(RUNGS.index(mp) / 4) if mp in RUNGS else "black"
+        ax.errorbar(row.params / 1e6, row.fid, yerr=[[row.fid - row.ci_low], [row.ci_high - row.fid]], fmt=markers.get(conditioning, "x"), color=color, capsize=2, label=label(conditioning, mp))
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("FID")
+    ax.set_title("FID against parameters (colour: rung A→E)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_metrics(out: Path, cell: str) -> pd.DataFrame | None:
+    path = out / "cells" / cell / "metrics.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+def plot_curves(out: Path, grid: dict[str, Any], cells: list[str], column: str, ylabel: str, path: Path, smooth: int = 5) -> None:
+    """One panel per grid group, one line per cell; the metric as logged by the cell's CSV logger."""
+    groups = grid["groups"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, (name, group) in zip(axes[0], groups.items()):
+        for cell in cells:
+            conditioning, mp, _ = cell.rsplit("-", 2)
+            if conditioning not in group["conditioning"] or mp not in group["mp"]:
+                continue
+            metrics = read_metrics(out, cell)
+            if metrics is None or column not in metrics:
+                continue
+            series = metrics[["step", column]].dropna()
+            ax.plot(series.step, series[column].rolling(smooth, min_periods=1).mean(), label=cell)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_magnitudes(out: Path, cells: list[str], path: Path) -> None:
+    """Activation RMS of the first, middle and last block over training, for every cell that logged it."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for cell in cells:
+        metrics = read_metrics(out, cell)
+        if metrics is None:
+            continue
+        blocks = sorted(c for c in metrics.columns if c.startswith("diag/act_rms/"))
+        if not blocks:
+            continue
+        last = blocks[-1]
+        for ax, prefix in zip(axes, ("diag/act_rms/", "diag/weight_rms/")):
+            col = last.replace("diag/act_rms/", prefix)
+            series = metrics[["step", col]].dropna()
+            ax.plot(series.step, series[col], label=cell)
+    axes[0].set_title("activation RMS of the last block")
+    axes[1].set_title("weight RMS of the last block")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(study, out: Path, profile: str, baseline: dict[str, str]) -> Path:
+    """Every table and plot of the sweep into `out` (the cells' results stay in out/cells)."""
+    cells = study.user_attrs["cells"] if study is not None else None
+    grid = yaml.safe_load((HERE / "grid.yaml").read_text())
+    if cells is None:
+        cells = sorted(p.name for p in (out / "cells").iterdir())
+    results = load_results(out, cells)
+    fids, params = fid_table(results, baseline), params_table(results)
+    write_table(fids, out / "fid_table")
+    write_table(params, out / "params_table")
+    if fids.fid.notna().any():
+        plot_fid(fids, out / "fid_per_cell.png")
+        plot_fid_vs_params(fids, params, out / "fid_vs_params.png")
+    plot_curves(out, grid, cells, "train/loss", "training loss (smoothed)", out / "loss_curves.png")
+    plot_magnitudes(out, cells, out / "magnitude_curves.png")
+    results.to_csv(out / "cells.csv", index=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0] if argv else "results/ablations/cpu")
+    grid = yaml.safe_load((HERE / "grid.yaml").read_text())
+    print(write_report(None, out, out.name, grid["baseline"]))
+
+
+if __name__ == "__main__":
+    main()

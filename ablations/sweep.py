@@ -1,0 +1,372 @@
+"""The ablation sweep: an Optuna study over the grid of `grid.yaml` at a scale of `profiles.yaml`.
+
+    python -m ablations.sweep --profile cpu            # the default of `make ablations`
+    python -m ablations.sweep --profile smoke --out /tmp/smoke
+
+Each trial is one cell (conditioning × rung × seed), trained through LightningCLI, evaluated with
+FID, and tracked as an MLflow run nested under the sweep's run. The study lives in a relational
+storage (SQLite under the output folder by default, or any URL, e.g. PostgreSQL, for many
+workers). A rerun resumes: finished cells are read back, an interrupted cell continues from its
+last checkpoint. Tables and plots are written by `ablations.report` at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_mpdit.errors import ConfigError, check_choice
+
+HERE = Path(__file__).resolve().parent
+MODES = ("grid", "tpe")
+
+
+@dataclass(frozen=True)
+class Cell:
+    conditioning: str
+    mp: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.conditioning}-{self.mp}-s{self.seed}"
+
+    @classmethod
+    def from_id(cls, cell_id: str) -> Cell:
+        conditioning, mp, seed = cell_id.rsplit("-", 2)
+        return cls(conditioning, mp, int(seed[1:]))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    profiles = {k: v for k, v in load_yaml(HERE / "profiles.yaml").items() if k != "tpe"}
+    check_choice("--profile", name, profiles)
+    return profiles[name]
+
+
+def grid_cells(grid: dict[str, Any], seeds: list[int]) -> list[Cell]:
+    """Every (conditioning, rung) named by a group, once, in grid order, for every seed."""
+    pairs: list[tuple[str, str]] = []
+    for group in grid["groups"].values():
+        for mp in group["mp"]:
+            for conditioning in group["conditioning"]:
+                if (conditioning, mp) not in pairs:
+                    pairs.append((conditioning, mp))
+    return [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]
+
+
+def validate_grid(cells: list[Cell]) -> None:
+    """Refuse a bad grid before any cell trains: every name must build."""
+    from lit_mpdit.conditioning import Conditioning
+    from lit_mpdit.config import resolve_mp
+
+    for cell in cells:
+        Conditioning.parse(cell.conditioning)
+        resolve_mp(cell.mp)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """Atomically: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# One cell.
+
+
+def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float | None, run_id: str | None, tracking_uri: str) -> dict[str, Any]:
+    """The LightningCLI configuration of one cell: the profile's, the cell's choices, and where to write."""
+    loggers: list[dict[str, Any]] = [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(cell_dir), "name": "", "version": ""}},
+    ]
+    if run_id is not None:
+        loggers.append(
+            {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": tracking_uri, "run_id": run_id}}
+        )
+    ema_decay = profile.get("ema_decay", 0.999)
+    overrides = {
+        "seed_everything": cell.seed,
+        "model": {"conditioning": cell.conditioning, "mp": cell.mp, **({"lr": lr} if lr is not None else {})},
+        "trainer": {
+            "default_root_dir": str(cell_dir),
+            "logger": loggers,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": ema_decay}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(cell_dir / "checkpoints"), "save_last": True, "every_n_train_steps": profile.get("checkpoint_every", 100), "save_top_k": 0},
+                },
+                {"class_path": "lit_mpdit.callbacks.Throughput"},
+                {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": 0}},
+            ],
+        },
+    }
+    return deep_merge(profile["fit"], overrides)
+
+
+def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float | None = None, run_id: str | None = None, tracking_uri: str = "") -> dict[str, Any]:
+    """Train (or resume) one cell and evaluate it; the result is also written to `cell_dir/result.json`."""
+    from lit_mpdit.cli import lightning_cli
+    from lit_mpdit.cost import forward_gflops, n_params
+    from lit_mpdit.evaluate import Protocol, evaluate
+
+    result_path = cell_dir / "result.json"
+    if result_path.exists():  # finished before an interruption: read back, never retrain
+        return json.loads(result_path.read_text())
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    cli = lightning_cli(args=cell_config(profile, cell, cell_dir, lr, run_id, tracking_uri), run=False)
+    last = cell_dir / "checkpoints" / "last.ckpt"
+    started = time.time()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    module = cli.model
+    evaluation = evaluate(module, cli.datamodule, Protocol(**profile["eval"], seed=cell.seed), weights_dir=cell_dir)
+    throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
+    record = {
+        "cell": cell.id,
+        **asdict(cell),
+        "status": "complete",
+        **{k: evaluation[k] for k in ("fid", "fid_lo", "fid_hi")},
+        "params": n_params(module.net),
+        "gflops": forward_gflops(module.net),
+        "train_images_per_s": throughput.images_per_second,
+        "steps": cli.trainer.global_step,
+        "wall_s": time.time() - started,
+        "lr": module.preset().lr,
+        "protocol": evaluation["protocol"],
+    }
+    write_json(result_path, record)
+    return record
+
+
+# ----------------------------------------------------------------------------
+# The study.
+
+FAILED_FOR_GOOD = "non_finite_loss"  # a deterministic failure: reported in the tables, not retried
+MAX_ATTEMPTS = 3  # a cell whose trials crashed this often is reported as failed, not retried forever
+
+
+def storage_for(url: str):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    # Heartbeats mark the trials of dead workers stale; the callback requeues them (a killed cell
+    # then resumes from its checkpoint).
+    return RDBStorage(
+        url,
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        heartbeat_interval=10,
+        grace_period=30,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
+
+
+def claimed_elsewhere(trial, cell_id: str) -> bool:
+    """Whether another running trial holds this cell. Both trials of a simultaneous pick yield (and
+    the cell is queued again), so two workers never train one cell at the same time."""
+    from optuna.trial import TrialState
+
+    return any(
+        t.number != trial.number and t.state == TrialState.RUNNING and t.params.get("cell") == cell_id
+        for t in trial.study.get_trials(deepcopy=False)
+    )
+
+
+def make_objective(profile, out: Path, tracking_uri: str, mlflow_cb, tpe_space: dict | None):
+    import mlflow
+    import optuna
+
+    from lit_mpdit.module import NonFiniteLossError
+
+    @mlflow_cb.track_in_mlflow()
+    def objective(trial: optuna.Trial) -> float:
+        cell = Cell.from_id(trial.suggest_categorical("cell", trial.study.user_attrs["cells"]))
+        if claimed_elsewhere(trial, cell.id):
+            raise optuna.TrialPruned(f"{cell.id} is being trained by another trial")
+        lr = None
+        if tpe_space is not None:
+            from lit_mpdit.config import resolve_mp
+
+            low, high = tpe_space[resolve_mp(cell.mp).family]
+            lr = trial.suggest_float("lr", low, high, log=True)
+        run = mlflow.active_run()
+        mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
+        mlflow.log_params({"conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed})
+        cell_dir = out / "cells" / (cell.id if lr is None else f"{cell.id}-t{trial.number}")
+        try:
+            record = run_cell(profile, cell, cell_dir, lr=lr, run_id=run.info.run_id, tracking_uri=tracking_uri)
+        except NonFiniteLossError as e:
+            record = {"cell": cell.id, **asdict(cell), "status": "failed", "reason": str(e)}
+            write_json(cell_dir / "result.json", record)
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            raise
+        if record["status"] == "failed":  # now or in an earlier attempt: the tables show the reason
+            trial.set_user_attr(FAILED_FOR_GOOD, record["reason"])
+            raise NonFiniteLossError(record["reason"])
+        for key, value in record.items():
+            if not isinstance(value, dict):
+                trial.set_user_attr(key, value)
+        mlflow.log_metrics({k: record[k] for k in ("fid", "fid_lo", "fid_hi", "params", "gflops", "train_images_per_s")})
+        mlflow.log_dict(record, "result.json")
+        return record["fid"]
+
+    return objective
+
+
+def cell_states(study) -> dict[str, set[str]]:
+    """Cells by the states of their trials: finished (complete, or failed for good), running, queued."""
+    from optuna.trial import TrialState
+
+    states: dict[str, set[str]] = {"finished": set(), "running": set(), "queued": set()}
+    crashes: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        cell = t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell")
+        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAILED)
+        if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs or crashes[cell] >= MAX_ATTEMPTS:
+            states["finished"].add(cell)
+        elif t.state == TrialState.RUNNING:
+            states["running"].add(cell)
+        elif t.state == TrialState.WAITING:
+            states["queued"].add(cell)
+    return states
+
+
+def run_grid(study, objective, mlflow_cb, cells: list[str]) -> None:
+    """Run grid points until every cell is finished, here or by other workers on the same storage.
+
+    Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
+    found stale by the heartbeat) are queued again; cells running elsewhere are waited for.
+    """
+    import optuna
+
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        states = cell_states(study)
+        todo = [c for c in cells if c not in states["finished"]]
+        if not todo:
+            return
+        idle = [c for c in todo if c not in states["running"] | states["queued"]]
+        tried = {t.params.get("cell") for t in study.get_trials(deepcopy=False)}
+        for cell in idle:
+            if cell in tried:  # crashed or yielded before: the grid will not offer it again
+                study.enqueue_trial({"cell": cell}, skip_if_exists=False)
+        print(f"[sweep] {len(cells) - len(todo)}/{len(cells)} cells finished, {len(states['running'])} running", flush=True)
+        if idle or states["queued"]:
+            study.optimize(objective, n_trials=1, callbacks=[mlflow_cb], catch=(Exception,))
+        else:
+            time.sleep(5)  # every open cell is being trained by another worker
+
+
+def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: str | None, mode: str, n_trials: int | None, cells_filter: list[str] | None) -> Path:
+    import mlflow
+    import optuna
+    from optuna_integration import MLflowCallback
+
+    profile = load_profile(profile_name)
+    check_choice("--mode", mode, MODES)
+    cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"])
+    if cells_filter:
+        unknown = set(cells_filter) - {c.id for c in cells}
+        if unknown:
+            raise ConfigError(f"--cells: unknown cells {sorted(unknown)}; allowed: {', '.join(c.id for c in cells)}")
+        cells = [c for c in cells if c.id in cells_filter]
+    validate_grid(cells)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {out} ({e.strerror})") from None
+
+    storage_url = storage_url or f"sqlite:///{out / 'optuna.db'}"
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    ids = [c.id for c in cells]
+    tpe_space = load_yaml(HERE / "profiles.yaml")["tpe"]["lr"] if mode == "tpe" else None
+    sampler = optuna.samplers.GridSampler({"cell": ids}, seed=0) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
+    study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
+    study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
+    study.set_user_attr("cells", ids)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow_cb = MLflowCallback(tracking_uri=tracking_uri, metric_name="fid", create_experiment=True, mlflow_kwargs={"nested": True})
+    objective = make_objective(profile, out, tracking_uri, mlflow_cb, tpe_space)
+
+    mlflow.set_experiment(study_name)
+    with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
+        mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
+        mlflow.log_dict(profile, "profile.json")
+        if mode == "grid":
+            run_grid(study, objective, mlflow_cb, ids)
+        else:
+            study.optimize(objective, n_trials=n_trials or 8, callbacks=[mlflow_cb], catch=(Exception,))
+        from ablations.report import write_report
+
+        report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"])
+        mlflow.log_artifacts(str(report_dir), "report")
+    return report_dir
+
+
+def run_grid(study, objective, mlflow_cb, n_cells: int) -> None:
+    """Run grid points until every cell is finished here or by another worker."""
+    import optuna
+    from optuna.trial import TrialState
+
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        finished = {t.params.get("cell") for t in trials if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs}
+        if len(finished) >= n_cells:
+            return
+        n_running = sum(t.state == TrialState.RUNNING for t in trials)
+        print(f"[sweep] {len(finished)}/{n_cells} cells finished, {n_running} running", flush=True)
+        before = len(trials)
+        study.optimize(objective, n_trials=1, callbacks=[mlflow_cb], catch=(Exception,))
+        trials = study.get_trials(deepcopy=False)
+        new = trials[before:] if len(trials) > before else []
+        if not new or all(t.params.get("cell") in finished for t in new):
+            # Every open cell is running elsewhere (or is stale and not yet past its grace period).
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ablations.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="cpu", help="smoke, cpu (default) or paper")
+    p.add_argument("--out", default=None, help="output folder (default: results/ablations/<profile>)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the output folder)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite in the output folder)")
+    p.add_argument("--mode", default="grid", help="grid (the ablation grid) or tpe (learning-rate search)")
+    p.add_argument("--n-trials", type=int, default=None, help="trials of a tpe search")
+    p.add_argument("--cells", default=None, help="comma-separated cell ids to run (default: all)")
+    args = p.parse_args(argv)
+    try:
+        out = Path(args.out or f"results/ablations/{args.profile}")
+        cells = args.cells.split(",") if args.cells else None
+        report = sweep(args.profile, out, args.storage, args.tracking_uri, args.mode, args.n_trials, cells)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[sweep] tables and plots in {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from lit_mpdit.cli import main
+
+main()

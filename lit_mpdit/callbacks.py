@@ -1,0 +1,130 @@
+"""Callbacks: sample grids logged as artifacts."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+
+from lit_mpdit.images import save_grid, to_uint8
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """Where this run writes its own files: the first logger's directory, else the root dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str | None = None) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
+def class_grid_labels(num_classes: int, per_class: int, max_classes: int) -> torch.Tensor:
+    """Labels for a grid with one class per row."""
+    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
+
+
+class SampleGrid(L.Callback):
+    """Draws a class-per-row grid every `every_n_steps` steps (0 = never) and at the end of fit.
+
+    At the end of fit Lightning's EMA callback has already copied the averaged weights in, so the
+    final grid shows the EMA model when one is used.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,  # 0 = only at the end of fit
+        per_class: int = 8,  # images per row
+        max_classes: int = 10,  # rows
+        seed: int = 0,  # the same noise every time, so grids compare across steps
+    ):
+        self.every_n_steps, self.per_class, self.max_classes, self.seed = every_n_steps, per_class, max_classes, seed
+
+    def draw(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        labels = class_grid_labels(module.hparams.num_classes, self.per_class, self.max_classes)
+        images = to_uint8(module.sample(labels, seed=self.seed))
+        path = save_grid(images, run_dir(trainer) / "samples" / f"{name}.png", nrow=self.per_class)
+        log_artifact(trainer, path, "samples")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.draw(trainer, pl_module, f"step{trainer.global_step:07d}")
+
+    def on_fit_end(self, trainer, pl_module):
+        self.draw(trainer, pl_module, "final")
+
+
+class Throughput(L.Callback):
+    """Training images per second, measured over optimizer steps only (no validation, no sampling)."""
+
+    def __init__(self, skip_steps: int = 2):  # the first steps warm up allocators and kernels
+        self.skip_steps = skip_steps
+        self.images = 0
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._start is not None and trainer.global_step > self.skip_steps:
+            self.seconds += time.perf_counter() - self._start
+            self.images += len(batch[0]) * trainer.world_size
+        self._start = None
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images / self.seconds if self.seconds else None
+
+
+class MagnitudeDiagnostics(L.Callback):
+    """The paper's magnitude analysis: per-block activation RMS and weight RMS over training.
+
+    Every `every_n_steps` steps the network runs on one fixed probe (the first training batch,
+    noised at fixed steps with fixed noise), and each block's output RMS is logged as
+    `diag/act_rms/block_<i>`, with the RMS of the block's stored weights as `diag/weight_rms/block_<i>`.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,  # how often to measure
+        probe_size: int = 32,  # images in the probe batch
+    ):
+        self.every_n_steps, self.probe_size = every_n_steps, probe_size
+        self._probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._probe is None:
+            x, y = batch[0][: self.probe_size], batch[1][: self.probe_size]
+            gen = torch.Generator(device=x.device).manual_seed(0)
+            k = torch.linspace(0, pl_module.diffusion.num_steps - 1, len(x), device=x.device).long()
+            xt = pl_module.diffusion.q_sample(x, k, torch.randn(x.shape, generator=gen, device=x.device))
+            self._probe = (xt, k, y)
+        if trainer.global_step % self.every_n_steps == 0:
+            self.measure(trainer, pl_module)
+
+    @torch.no_grad()
+    def measure(self, trainer, pl_module) -> None:
+        net = pl_module.net
+        rms: list[float] = []
+        hooks = [b.register_forward_hook(lambda m, i, out: rms.append(out.float().square().mean().sqrt().item())) for b in net.blocks]
+        was_training = net.training
+        net.eval()
+        try:
+            xt, k, y = self._probe
+            net(xt, k, y)
+        finally:
+            for h in hooks:
+                h.remove()
+            net.train(was_training)
+        metrics = {f"diag/act_rms/block_{i}": r for i, r in enumerate(rms)}
+        for i, block in enumerate(net.blocks):
+            weights = [p for name, p in block.named_parameters() if name.endswith("weight")]
+            total = sum(w.square().sum() for w in weights) / sum(w.numel() for w in weights)
+            metrics[f"diag/weight_rms/block_{i}"] = total.sqrt().item()
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)

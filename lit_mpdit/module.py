@@ -1,0 +1,201 @@
+"""The LightningModule: a ready-built DiT, the diffusion loss, optimizer presets per family, sampling."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from lit_mpdit.config import resolve_mp
+from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
+from lit_mpdit.dit import DiT, build_dit
+from lit_mpdit.errors import ConfigError, check_choice
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: the run is stopped rather than trained on garbage."""
+
+
+@dataclass(frozen=True)
+class OptimizerPreset:
+    algorithm: str  # "adamw" or "adam"
+    lr: float  # peak learning rate
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int  # linear ramp from 0 to lr
+    decay_steps: int | None  # lr ∝ 1/√(step / decay_steps) after this many steps (EDM2); None = constant
+
+
+# The standard DiT recipe (Peebles & Xie 2023) and EDM2's for magnitude-preserving networks.
+OPTIMIZER_PRESETS: dict[str, OptimizerPreset] = {
+    "standard": OptimizerPreset("adamw", 1e-4, (0.9, 0.999), 0.0, 0, None),
+    "mp": OptimizerPreset("adam", 1e-2, (0.9, 0.99), 0.0, 200, 2000),
+}
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int | None) -> float:
+    """Warm-up, then EDM2's inverse-square-root decay (EDM2 Eq. 121 with steps for images)."""
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = 1.0 / math.sqrt(max(step / decay_steps, 1.0)) if decay_steps else 1.0
+    return ramp * decay
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains a class-conditional DiT with Gaussian diffusion.
+
+    `input_size`, `in_channels` and `num_classes` are linked from the data module by the CLI.
+    """
+
+    def __init__(
+        self,
+        size: str = "C/4",  # "<T|C|XS|S|B|L|XL>/<patch>"
+        conditioning: str = "adaln",  # adaln, shift, scale, rotation, rotation+scale, or any '+' combination
+        mp: str = "A",  # rung of the magnitude-preserving ladder, A (standard DiT) … E (full MP DiT)
+        norm: str | None = None,  # override the rung's normalization: layernorm, rmsnorm, none
+        flags: dict[str, bool] | None = None,  # override single MP flags, e.g. {cosine_attention: true}
+        input_size: int = 28,  # image (or latent) side; linked from the data
+        in_channels: int = 1,  # image (or latent) channels; linked from the data
+        num_classes: int = 10,  # linked from the data; the null class is num_classes
+        learn_sigma: bool = True,  # learned variance, trained with L_vlb
+        class_dropout: float = 0.1,  # probability of the null class while training (for guidance)
+        num_timesteps: int = 1000,  # T
+        optimizer: str = "auto",  # auto (preset of the model's family), standard, mp
+        lr: float | None = None,  # None = the preset's
+        warmup_steps: int | None = None,  # None = the preset's
+        decay_steps: int | None = None,  # None = the preset's; 0 = constant
+        sample_steps: int = 50,  # sampling steps for grids and `sample`
+        sampler: str = "ddpm",  # ddpm or ddim
+        guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
+        clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_choice("model.optimizer", optimizer, ["auto", *OPTIMIZER_PRESETS])
+        check_choice("model.sampler", sampler, SAMPLERS)
+        if not 0.0 <= class_dropout < 1.0:
+            raise ConfigError(f"model.class_dropout: must be in [0, 1), got {class_dropout}")
+        overrides = dict(flags or {}, norm=norm)
+        self.net: DiT = build_dit(
+            size,
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            conditioning=conditioning,
+            mp=resolve_mp(mp, **overrides),
+        )
+        self.diffusion = GaussianDiffusion(num_timesteps, learn_sigma=learn_sigma)
+
+    @property
+    def null_class(self) -> int:
+        return self.hparams.num_classes
+
+    def preset(self) -> OptimizerPreset:
+        name = self.net.cfg.mp.family if self.hparams.optimizer == "auto" else self.hparams.optimizer
+        p = OPTIMIZER_PRESETS[name]
+        h = self.hparams
+        return OptimizerPreset(
+            p.algorithm,
+            p.lr if h.lr is None else h.lr,
+            p.betas,
+            p.weight_decay,
+            p.warmup_steps if h.warmup_steps is None else h.warmup_steps,
+            p.decay_steps if h.decay_steps is None else (h.decay_steps or None),
+        )
+
+    def configure_optimizers(self):
+        p = self.preset()
+        cls = torch.optim.AdamW if p.algorithm == "adamw" else torch.optim.Adam
+        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p.warmup_steps, p.decay_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, y)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        n = x.shape[0]
+        k = torch.randint(0, self.diffusion.num_steps, (n,), device=x.device, generator=generator)
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        return {k_: v.mean() for k_, v in self.diffusion.training_losses(self.net, x, k, y, noise).items()}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.class_dropout
+        losses = self.losses(x, torch.where(drop, self.null_class, y))
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite training loss {losses['loss'].item()} at step {self.global_step} "
+                f"(mse {losses['mse'].item()}, vb {losses['vb'].item()}): lower --model.lr or use bf16/fp32 consistently"
+            )
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
+        self.log("loss", losses["loss"], prog_bar=True, logger=False)
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        # The same noise and steps at every validation, so curves compare across steps and runs.
+        gen = torch.Generator(device=x.device).manual_seed(batch_idx)
+        losses = self.losses(x, y, generator=gen)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=True)
+        self.log("val_loss", losses["loss"], prog_bar=True, logger=False, sync_dist=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,  # (N,) classes to draw
+        *,
+        steps: int | None = None,  # None = hparams.sample_steps
+        sampler: str | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """Samples in the data's range (N, C, H, W), drawn with the current weights in eval mode."""
+        h = self.hparams
+        diffusion = self.diffusion.respaced(steps or h.sample_steps)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        out = []
+        for y in labels.to(self.device).split(batch_size):
+            noise = torch.randn((len(y), h.in_channels, h.input_size, h.input_size), generator=gen, device=self.device)
+            out.append(
+                diffusion.sample(
+                    self.net,
+                    noise,
+                    y,
+                    sampler=sampler or h.sampler,
+                    guidance=h.guidance if guidance is None else guidance,
+                    null_class=self.null_class,
+                    clip_x0=h.clip_x0,
+                    generator=gen,
+                )
+            )
+        self.train(was_training)
+        return torch.cat(out)
+
+
+WEIGHTS = ("ema", "current")
+
+
+def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> DiffusionModule:
+    """A trained module from a checkpoint, with its EMA weights (if it has them) or its current ones.
+
+    Lightning's EMA callback stores the averaged weights as `state_dict` and the raw ones as
+    `current_model_state`; a run without EMA has only the raw ones, which both choices return.
+    """
+    check_choice("--weights", weights, WEIGHTS)
+    try:
+        checkpoint = torch.load(ckpt, map_location=map_location, weights_only=False)
+        module = DiffusionModule(**checkpoint["hyper_parameters"])
+    except FileNotFoundError:
+        raise ConfigError(f"--ckpt: no checkpoint at {ckpt}") from None
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--ckpt: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
+    state = checkpoint.get("current_model_state") if weights == "current" else None
+    module.load_state_dict(state or checkpoint["state_dict"])
+    return module.eval()

@@ -1,0 +1,1 @@
+"""Magnitude-preserving building blocks (EDM2)."""

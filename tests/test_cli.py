@@ -1,0 +1,62 @@
+"""The command line as a user meets it: bad options refused in one line, a short fit, a sample grid."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "fmnist.yaml")
+SAMPLE_DATA = ["--data", "lit_mpdit.data.FashionMNISTSampleDataModule", "--data.val_size", "32", "--data.batch_size", "16"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lit_mpdit", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model.conditioning", "bogus"], "model.conditioning: unknown strategy 'bogus'; allowed: adaln, shift, scale, rotation, rotation+scale"),
+        (["--model.mp", "Z"], "model.mp: unknown value 'Z'; allowed: 'A', 'B', 'C', 'D', 'E'"),
+        (["--model.size", "M/4"], "model.size: unknown size 'M/4'; allowed: T/1"),
+        (["--model.size", "C/8"], "patch size 8 does not divide the input size 28; allowed patch sizes: [1, 2, 4]"),
+        (["--model.norm", "batch"], "norm: unknown value 'batch'; allowed: 'layernorm', 'rmsnorm', 'none'"),
+    ],
+)
+def test_bad_options_exit_with_one_clear_line_before_training(tmp_path, args, expected):
+    proc = run("fit", "--config", CONFIG, *SAMPLE_DATA, *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results" / "runs").exists()  # nothing trained, nothing written
+
+
+def test_fit_then_sample_writes_a_class_per_row_grid(tmp_path):
+    proc = run(
+        "fit", "--config", CONFIG, *SAMPLE_DATA,
+        "--model.size", "T/4", "--model.sample_steps", "3",
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = list((tmp_path / "results" / "runs").rglob("*.ckpt"))
+    assert ckpts, "fit wrote no checkpoint"
+    run_dir = ckpts[0].parents[1]
+    assert (run_dir / "samples" / "final.png").exists() and (run_dir / "metrics.csv").exists()
+    assert (tmp_path / "results" / "mlflow.db").exists()
+
+    out = tmp_path / "grid.png"
+    proc = run("sample", "--ckpt", str(ckpts[0]), "--out", str(out), "--per-class", "3", "--classes", "4", "--steps", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    width, height = Image.open(out).size
+    assert (width, height) == (2 * (3 * 30 + 2), 2 * (4 * 30 + 2))  # 3 per row, 4 rows of 28 px + 2 px gaps, ×2
+
+
+def test_sample_refuses_a_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run("sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert proc.returncode == 2 and "is not a readable lit_mpdit checkpoint" in proc.stderr and "Traceback" not in proc.stderr

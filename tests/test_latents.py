@@ -1,0 +1,111 @@
+"""prepare-latents: an image folder through a tiny random AutoencoderKL, read back by LatentsDataModule."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_mpdit.data import LatentsDataModule, load_latents
+from lit_mpdit.errors import ConfigError
+from lit_mpdit.latents import main, prepare_latents
+
+CLASSES = ["bird", "ant"]
+PER_CLASS = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A randomly initialised AutoencoderKL with one 2× downsampling: 16×16×3 images → 4×8×8 latents."""
+    diffusers = pytest.importorskip("diffusers", reason="the latents extra: pip install 'lit_mpdit[latents]'")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    folder = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir()
+        for i in range(PER_CLASS):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_round_trip_through_the_datamodule(tiny_vae, images, tmp_path, suffix):
+    out = prepare_latents(images, tmp_path / f"latents{suffix}", vae=str(tiny_vae), image_size=16, batch_size=4)
+    record = load_latents(out)
+    assert record["mean"].shape == record["std"].shape == (2 * PER_CLASS, 4, 8, 8)
+    assert (record["std"] > 0).all()
+    assert record["labels"].tolist() == [0] * PER_CLASS + [1] * PER_CLASS  # classes sorted: ant, bird
+    assert record["class_names"] == sorted(CLASSES) and record["image_size"] == 16
+    assert record["vae"] == str(tiny_vae.resolve())
+
+    dm = LatentsDataModule(path=str(out), val_size=2, batch_size=64)
+    assert (dm.image_size, dm.in_channels, dm.num_classes) == (8, 4, 2)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 4, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # shift and scale are the dataset's per-channel statistics, so normalized latents are roughly standard
+    z = torch.cat([dm.dataset("train").__getitems__(list(range(8)))[0] for _ in range(20)])
+    assert z.mean((0, 2, 3)).abs().max() < 0.3 and (z.std((0, 2, 3)) - 1).abs().max() < 0.3
+
+
+def test_encoding_is_the_vae_posterior(tiny_vae, images, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from lit_mpdit.data import load_image, to_unit_range
+
+    out = prepare_latents(images, tmp_path / "z.pt", vae=str(tiny_vae), image_size=16, batch_size=3)
+    first = to_unit_range(load_image(images / "ant" / "0.png", 16, 3))[None]
+    posterior = AutoencoderKL.from_pretrained(tiny_vae).eval().encode(first).latent_dist
+    assert torch.allclose(load_latents(out)["mean"][:1], posterior.mean.detach(), atol=1e-5)
+
+
+def test_command_line(tiny_vae, images, tmp_path, capsys):
+    out = tmp_path / "z.npz"
+    main(["--images", str(images), "--out", str(out), "--vae", str(tiny_vae), "--image-size", "16", "--dtype", "float16"])
+    assert capsys.readouterr().out.strip() == str(out)
+    assert load_latents(out)["mean"].dtype == torch.float16
+
+
+def test_missing_vae_directory_is_a_config_error(images, tmp_path):
+    pytest.importorskip("diffusers", reason="the latents extra: pip install 'lit_mpdit[latents]'")
+    with pytest.raises(ConfigError, match="no such directory"):
+        prepare_latents(images, tmp_path / "z.pt", vae=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="cannot load an AutoencoderKL"):
+        prepare_latents(images, tmp_path / "z.pt", vae=str(tmp_path / "empty"))
+
+
+def test_without_diffusers_says_how_to_install(images, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    with pytest.raises(ConfigError, match=r"pip install 'lit_mpdit\[latents\]'"):
+        prepare_latents(images, tmp_path / "z.pt", vae=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"out": "z.h5"}, "--out suffix"), ({"dtype": "int8"}, "--dtype"), ({"image_root": "missing"}, "--images")],
+)
+def test_bad_options_fail_before_encoding(images, tmp_path, kwargs, match):
+    args = {"image_root": images, "out": "z.pt"} | kwargs
+    with pytest.raises(ConfigError, match=match):
+        prepare_latents(tmp_path / args.pop("image_root"), tmp_path / args.pop("out"), vae="/nowhere", **args)

@@ -1,0 +1,91 @@
+"""The LightningModule: a real tiny fit whose loss falls, optimizer presets per family, non-finite losses stop."""
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_mpdit.callbacks import MagnitudeDiagnostics, Throughput
+from lit_mpdit.data import FashionMNISTSampleDataModule
+from lit_mpdit.errors import ConfigError
+from lit_mpdit.module import DiffusionModule, NonFiniteLossError, lr_factor
+
+
+def trainer(**kw) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**(defaults | kw))
+
+
+class LossLog(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+@pytest.mark.parametrize("mp", ["A", "E"])
+def test_tiny_fit_on_fashion_mnist_sample_lowers_the_loss(mp):
+    L.seed_everything(0)
+    data = FashionMNISTSampleDataModule(batch_size=64, val_size=64)
+    model = DiffusionModule(size="T/4", mp=mp, lr=1e-3 if mp == "A" else None, warmup_steps=10 if mp == "E" else None)
+    log = LossLog()
+    trainer(max_steps=80, limit_val_batches=0, callbacks=[log]).fit(model, datamodule=data)
+    first, last = sum(log.losses[:10]) / 10, sum(log.losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_presets_follow_the_family():
+    a, e = DiffusionModule(size="T/4", mp="A"), DiffusionModule(size="T/4", mp="E")
+    assert (a.preset().algorithm, a.preset().lr) == ("adamw", 1e-4)
+    assert (e.preset().algorithm, e.preset().lr, e.preset().betas) == ("adam", 1e-2, (0.9, 0.99))
+    assert DiffusionModule(size="T/4", mp="E", optimizer="standard", lr=3e-4).preset().lr == 3e-4
+    opt = e.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
+
+
+def test_lr_schedule_warms_up_then_decays_as_inverse_square_root():
+    assert lr_factor(0, 100, 1000) == pytest.approx(0.01)
+    assert lr_factor(99, 100, 1000) == pytest.approx(1.0)
+    assert lr_factor(1000, 100, 1000) == pytest.approx(1.0)
+    assert lr_factor(4000, 100, 1000) == pytest.approx(0.5)
+    assert lr_factor(5000, 0, None) == 1.0
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_message():
+    data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
+    model = DiffusionModule(size="T/4", mp="A")
+    with torch.no_grad():
+        model.net.final.proj.weight.fill_(math.inf)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss .* at step 0"):
+        trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=data)
+
+
+def test_sampling_gives_images_in_range_and_is_seeded():
+    model = DiffusionModule(size="T/4", mp="E", sample_steps=4)
+    labels = torch.tensor([0, 1, 2])
+    a, b = model.sample(labels, seed=3), model.sample(labels, seed=3)
+    assert a.shape == (3, 1, 28, 28) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_diagnostics_and_throughput_callbacks_log_every_block():
+    data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
+    model = DiffusionModule(size="T/4", mp="E")
+    logged = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("diag/")})
+
+    speed = Throughput(skip_steps=1)
+    trainer(max_steps=6, limit_val_batches=0, callbacks=[MagnitudeDiagnostics(every_n_steps=2, probe_size=8), speed, Capture()]).fit(model, datamodule=data)
+    assert {f"diag/act_rms/block_{i}" for i in range(4)} <= set(logged)
+    assert all(0.5 < logged[f"diag/act_rms/block_{i}"] < 2 for i in range(4))  # rung E: near unit RMS
+    assert speed.images_per_second and speed.images_per_second > 0
+
+
+@pytest.mark.parametrize("kwargs, option", [(dict(optimizer="sgd"), "model.optimizer"), (dict(sampler="euler"), "model.sampler"), (dict(class_dropout=1.5), "model.class_dropout")])
+def test_bad_module_options_are_refused(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        DiffusionModule(size="T/4", **kwargs)
