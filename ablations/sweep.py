@@ -118,11 +118,19 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
                     "init_args": {"dirpath": str(cell_dir / "checkpoints"), "save_last": True, "every_n_train_steps": profile.get("checkpoint_every", 100), "save_top_k": 0},
                 },
                 {"class_path": "lit_mpdit.callbacks.Throughput"},
+                {"class_path": "lit_mpdit.callbacks.MagnitudeDiagnostics", "init_args": {"every_n_steps": profile.get("diagnostics_every", 50)}},
                 {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": 0}},
             ],
         },
     }
     return deep_merge(profile["fit"], overrides)
+
+
+def dataset_name(datamodule) -> str:
+    """The registry name of a data module (the reference-statistics cache is keyed by it)."""
+    from lit_mpdit.data import DATAMODULES
+
+    return next((name for name, cls in DATAMODULES.items() if type(datamodule) is cls), type(datamodule).__name__)
 
 
 def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float | None = None, run_id: str | None = None, tracking_uri: str = "") -> dict[str, Any]:
@@ -140,7 +148,10 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     started = time.time()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
     module = cli.model
-    evaluation = evaluate(module, cli.datamodule, Protocol(**profile["eval"], seed=cell.seed), weights_dir=cell_dir)
+    protocol = Protocol(**profile["eval"], seed=cell.seed)
+    data = cli.datamodule
+    reference = f"{dataset_name(data)}:{protocol.reference_split}"
+    evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol)
     throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
     record = {
         "cell": cell.id,
@@ -192,14 +203,18 @@ def claimed_elsewhere(trial, cell_id: str) -> bool:
     )
 
 
-def make_objective(profile, out: Path, tracking_uri: str, mlflow_cb, tpe_space: dict | None):
+def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None):
     import mlflow
     import optuna
 
-    from lit_mpdit.module import NonFiniteLossError
-
-    @mlflow_cb.track_in_mlflow()
     def objective(trial: optuna.Trial) -> float:
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            return train_and_track(trial, run)
+
+    def train_and_track(trial: optuna.Trial, run) -> float:
+        from lit_mpdit.module import NonFiniteLossError
+
         cell = Cell.from_id(trial.suggest_categorical("cell", trial.study.user_attrs["cells"]))
         if claimed_elsewhere(trial, cell.id):
             raise optuna.TrialPruned(f"{cell.id} is being trained by another trial")
@@ -209,9 +224,8 @@ def make_objective(profile, out: Path, tracking_uri: str, mlflow_cb, tpe_space: 
 
             low, high = tpe_space[resolve_mp(cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
-        run = mlflow.active_run()
         mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
-        mlflow.log_params({"conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed})
+        mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed, "trial": trial.number})
         cell_dir = out / "cells" / (cell.id if lr is None else f"{cell.id}-t{trial.number}")
         try:
             record = run_cell(profile, cell, cell_dir, lr=lr, run_id=run.info.run_id, tracking_uri=tracking_uri)
@@ -227,7 +241,7 @@ def make_objective(profile, out: Path, tracking_uri: str, mlflow_cb, tpe_space: 
         for key, value in record.items():
             if not isinstance(value, dict):
                 trial.set_user_attr(key, value)
-        mlflow.log_metrics({k: record[k] for k in ("fid", "fid_lo", "fid_hi", "params", "gflops", "train_images_per_s")})
+        mlflow.log_metrics({k: record[k] for k in ("fid", "fid_lo", "fid_hi", "params", "gflops", "train_images_per_s") if record.get(k) is not None})
         mlflow.log_dict(record, "result.json")
         return record["fid"]
 
@@ -242,7 +256,7 @@ def cell_states(study) -> dict[str, set[str]]:
     crashes: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         cell = t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell")
-        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAILED)
+        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAIL)
         if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs or crashes[cell] >= MAX_ATTEMPTS:
             states["finished"].add(cell)
         elif t.state == TrialState.RUNNING:
@@ -252,7 +266,7 @@ def cell_states(study) -> dict[str, set[str]]:
     return states
 
 
-def run_grid(study, objective, mlflow_cb, cells: list[str]) -> None:
+def run_grid(study, objective, cells: list[str]) -> None:
     """Run grid points until every cell is finished, here or by other workers on the same storage.
 
     Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
@@ -273,7 +287,7 @@ def run_grid(study, objective, mlflow_cb, cells: list[str]) -> None:
                 study.enqueue_trial({"cell": cell}, skip_if_exists=False)
         print(f"[sweep] {len(cells) - len(todo)}/{len(cells)} cells finished, {len(states['running'])} running", flush=True)
         if idle or states["queued"]:
-            study.optimize(objective, n_trials=1, callbacks=[mlflow_cb], catch=(Exception,))
+            study.optimize(objective, n_trials=1, catch=(Exception,))
         else:
             time.sleep(5)  # every open cell is being trained by another worker
 
@@ -281,7 +295,6 @@ def run_grid(study, objective, mlflow_cb, cells: list[str]) -> None:
 def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: str | None, mode: str, n_trials: int | None, cells_filter: list[str] | None) -> Path:
     import mlflow
     import optuna
-    from optuna_integration import MLflowCallback
 
     profile = load_profile(profile_name)
     check_choice("--mode", mode, MODES)
@@ -308,44 +321,21 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
     study.set_user_attr("cells", ids)
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow_cb = MLflowCallback(tracking_uri=tracking_uri, metric_name="fid", create_experiment=True, mlflow_kwargs={"nested": True})
-    objective = make_objective(profile, out, tracking_uri, mlflow_cb, tpe_space)
+    objective = make_objective(profile, out, tracking_uri, tpe_space)
 
     mlflow.set_experiment(study_name)
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
         if mode == "grid":
-            run_grid(study, objective, mlflow_cb, ids)
+            run_grid(study, objective, ids)
         else:
-            study.optimize(objective, n_trials=n_trials or 8, callbacks=[mlflow_cb], catch=(Exception,))
+            study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         from ablations.report import write_report
 
         report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"])
         mlflow.log_artifacts(str(report_dir), "report")
     return report_dir
-
-
-def run_grid(study, objective, mlflow_cb, n_cells: int) -> None:
-    """Run grid points until every cell is finished here or by another worker."""
-    import optuna
-    from optuna.trial import TrialState
-
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        finished = {t.params.get("cell") for t in trials if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs}
-        if len(finished) >= n_cells:
-            return
-        n_running = sum(t.state == TrialState.RUNNING for t in trials)
-        print(f"[sweep] {len(finished)}/{n_cells} cells finished, {n_running} running", flush=True)
-        before = len(trials)
-        study.optimize(objective, n_trials=1, callbacks=[mlflow_cb], catch=(Exception,))
-        trials = study.get_trials(deepcopy=False)
-        new = trials[before:] if len(trials) > before else []
-        if not new or all(t.params.get("cell") in finished for t in new):
-            # Every open cell is running elsewhere (or is stale and not yet past its grace period).
-            optuna.storages.fail_stale_trials(study)
-            time.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,7 +77,12 @@ def commands() -> dict[str, Callable[[list[str]], None]]:
 
         main(argv)
 
-    return {"sample": sample_main, "fid": fid, "prepare-latents": prepare_latents}
+    def evaluate(argv):
+        from lit_mpdit.evaluate import main
+
+        main(argv)
+
+    return {"sample": sample_main, "evaluate": evaluate, "fid": fid, "prepare-latents": prepare_latents}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,4 +198,5 @@ def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> D
         raise ConfigError(f"--ckpt: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
     state = checkpoint.get("current_model_state") if weights == "current" else None
     module.load_state_dict(state or checkpoint["state_dict"])
+    module.trained_steps = checkpoint.get("global_step", 0)  # optimizer steps behind these weights
     return module.eval()

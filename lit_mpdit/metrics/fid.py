@@ -112,7 +112,8 @@ class InceptionFeatures(nn.Module):
         self.channels_last = precision == "bf16" if channels_last is None else channels_last
         self.batch_size = batch_size
         self.net = torch.jit.load(str(network_path()), map_location="cpu").eval()
-        self.net.requires_grad_(False)
+        for param in self.net.parameters():  # ScriptModules have no requires_grad_()
+            param.requires_grad_(False)
 
     @property
     def protocol(self) -> dict[str, str]:
@@ -141,9 +142,11 @@ class InceptionFeatures(nn.Module):
 
 
 class FeatureVectors(nn.Module):
-    """The identity, for a metric fed (N, 2048) features that were computed elsewhere (e.g. cached)."""
+    """The identity, for a metric fed (N, F) features that were computed elsewhere (e.g. cached)."""
 
-    num_features = FEATURES
+    def __init__(self, num_features: int = FEATURES):
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
@@ -154,9 +157,12 @@ class FeatureVectors(nn.Module):
 
 
 def fid_metric(features: nn.Module | None = None, reference: torch.Tensor | None = None) -> FrechetInceptionDistance:
-    """torchmetrics' FID over `features` (an `InceptionFeatures`; None = `update` takes (N, 2048) feature vectors),
-    its real side preloaded from `reference` features (N, 2048) and kept across `reset()`."""
-    metric = FrechetInceptionDistance(feature=features or FeatureVectors(), reset_real_features=False, normalize=False)
+    """torchmetrics' FID over `features` (an `InceptionFeatures`; None = `update` takes feature vectors), its real
+    side preloaded from `reference` features (N, 2048) and kept across `reset()`. Its compute() finds the matrix
+    square root from the eigenvalues of a general 2048×2048 product: about 30 CPU-seconds."""
+    if features is None:
+        features = FeatureVectors(reference.shape[1] if reference is not None else FEATURES)
+    metric = FrechetInceptionDistance(feature=features, reset_real_features=False, normalize=False)
     if reference is not None:
         # The same float64 sums that update(images, real=True) would accumulate, without running the network again.
         real = reference.double()
@@ -167,7 +173,7 @@ def fid_metric(features: nn.Module | None = None, reference: torch.Tensor | None
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets (N, 2048), computed by torchmetrics' metric."""
+    """FID between two feature sets (N, F), computed by torchmetrics' metric."""
     metric = fid_metric(reference=real)
     metric.update(fake.double(), real=False)  # float64 features keep compute() in float64
     return float(metric.compute())

@@ -1,0 +1,160 @@
+"""FID-N of a trained model, stored with the protocol that produced it.
+
+    python -m lit_mpdit evaluate --ckpt C [--n 1000 --steps 50 --sampler ddpm --guidance 1.5 --weights ema]
+
+Every number leaves with its protocol: N generated and reference, the reference set, the sampler and
+its steps, the guidance scale, the weights (EMA, current or post-hoc at σ_rel), the seed, the
+Inception precision and preprocessing, and the training step of the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lit_mpdit.errors import ConfigError, check_choice
+
+WEIGHT_CHOICES = ("ema", "current", "posthoc")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    n_fake: int = 1000  # generated images, class-balanced
+    n_ref: int = 5000  # reference images
+    reference_split: str = "test"  # split of the data the reference images come from
+    steps: int = 50  # sampling steps (respaced)
+    sampler: str = "ddpm"  # ddpm or ddim
+    guidance: float = 1.5  # classifier-free guidance scale; 1 = none
+    weights: str = "ema"  # ema, current, or posthoc (EDM2 reconstruction at sigma_rel)
+    sigma_rel: float | None = None  # for posthoc
+    seed: int = 0  # seeds the sampling noise and the bootstrap
+    precision: str = "fp32"  # Inception precision: fp32 or bf16
+    bootstrap: int = 200  # resamples for the 95% interval; 0 = none
+
+    def __post_init__(self):
+        from lit_mpdit.diffusion import SAMPLERS
+        from lit_mpdit.metrics.fid import PRECISIONS
+
+        check_choice("--sampler", self.sampler, SAMPLERS)
+        check_choice("--weights", self.weights, WEIGHT_CHOICES)
+        check_choice("--precision", self.precision, PRECISIONS)
+        if self.n_fake < 2 or self.n_ref < 2:
+            raise ConfigError(f"--n / --n-ref: FID needs at least 2 images per set, got {self.n_fake} and {self.n_ref}")
+        if self.weights == "posthoc" and self.sigma_rel is None:
+            raise ConfigError("--sigma-rel: post-hoc EMA needs the σ_rel to reconstruct (the paper samples at 0.05)")
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """n labels cycling through the classes, so every class is drawn equally (±1)."""
+    return torch.arange(n) % num_classes
+
+
+def evaluate(
+    module,  # a DiffusionModule carrying the weights to evaluate
+    reference_name: str,  # identifies the reference images in the cache, e.g. "fashion_mnist:test"
+    reference_images: Callable[[], torch.Tensor],  # uint8 (N, C, H, W), called only when the cache misses
+    protocol: Protocol,
+) -> dict:
+    """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval."""
+    from lit_mpdit.images import to_uint8
+    from lit_mpdit.metrics.fid import InceptionFeatures, bootstrap_fid, fid_from_features, reference_features
+
+    started = time.perf_counter()
+    net = InceptionFeatures(protocol.precision)
+    reference = reference_features(reference_name, reference_images, protocol.n_ref, net=net)
+    labels = balanced_labels(protocol.n_fake, module.hparams.num_classes)
+    samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed)
+    sampled = time.perf_counter()
+    fake = net(to_uint8(samples))
+    fid = fid_from_features(reference, fake)
+    lo, hi = bootstrap_fid(reference, fake, n_boot=protocol.bootstrap, seed=protocol.seed) if protocol.bootstrap else (float("nan"),) * 2
+    return {
+        "fid": fid,
+        "fid_lo": lo,
+        "fid_hi": hi,
+        "protocol": {
+            **asdict(protocol),
+            "n_fake": len(fake),
+            "n_ref": len(reference),
+            "reference": reference_name,
+            "training_step": int(module.global_step) if module._trainer is not None else getattr(module, "trained_steps", 0),
+            "interval": f"95% bootstrap over the generated set, {protocol.bootstrap} resamples" if protocol.bootstrap else "none",
+            "inception": net.protocol,
+        },
+        "seconds": {"sampling": sampled - started, "total": time.perf_counter() - started},
+    }
+
+
+def load_for_evaluation(ckpt: str, protocol: Protocol, snapshots: str | None):
+    """The module of `ckpt` with the weights the protocol names."""
+    from lit_mpdit.module import load_module
+
+    module = load_module(ckpt, "current" if protocol.weights == "posthoc" else protocol.weights)
+    if protocol.weights == "posthoc":
+        from lit_mpdit.ema import load_posthoc_ema
+
+        directory = Path(snapshots) if snapshots else Path(ckpt).resolve().parents[1] / "ema_snapshots"
+        state = load_posthoc_ema(directory, protocol.sigma_rel)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ConfigError(f"--snapshots: {directory} holds parameters this model lacks: {unexpected[:3]}")
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lit_mpdit evaluate", description=__doc__.split("\n\n")[0])
+    d = Protocol()
+    p.add_argument("--ckpt", default=None, help="a checkpoint written by `fit`; omit with --untrained")
+    p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialised model (a baseline), built from --config")
+    p.add_argument("--config", default="configs/fmnist.yaml", help="with --untrained: the model's config")
+    p.add_argument("--reference", default="fashion_mnist:test", help="reference set DATASET:SPLIT (fashion_mnist, fashion_mnist_sample, cifar10)")
+    p.add_argument("--n", type=int, default=d.n_fake, help="generated images")
+    p.add_argument("--n-ref", type=int, default=d.n_ref, help="reference images")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--sampler", default=d.sampler, help="ddpm or ddim")
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--weights", default=d.weights, help="ema, current, or posthoc (with --sigma-rel)")
+    p.add_argument("--sigma-rel", type=float, default=None, help="σ_rel of the post-hoc EMA")
+    p.add_argument("--snapshots", default=None, help="post-hoc EMA snapshot folder (default: <run>/ema_snapshots)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32 or bf16")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    from lit_mpdit.metrics.fid import DATASETS, parse_dataset_spec
+
+    spec = parse_dataset_spec(args.reference)
+    if spec is None:
+        raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: {', '.join(DATASETS)}")
+    dataset, split, _ = spec
+    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, args.weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
+    if args.untrained == (args.ckpt is not None):
+        raise ConfigError("evaluate: give exactly one of --ckpt C and --untrained")
+    if args.untrained:
+        module = untrained_module(args.config)
+    else:
+        module = load_for_evaluation(args.ckpt, protocol, args.snapshots)
+    result = evaluate(module, f"{dataset}:{split}", lambda: DATASETS[dataset]().reference_images(split, args.n_ref), protocol)
+    result["checkpoint"] = args.ckpt or "untrained"
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def untrained_module(config: str):
+    """The model of a config at initialisation, seeded as `fit` seeds it."""
+    import lightning as L
+
+    from lit_mpdit.cli import lightning_cli
+
+    L.seed_everything(0, verbose=False)
+    cli = lightning_cli(["--config", config, "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    return cli.model
