@@ -1,0 +1,93 @@
+"""The ablation sweep: the grid as data, a real smoke sweep that writes every table, resumes without
+retraining, and a notebook that regenerates the plots from the tracked runs."""
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ablations.sweep import HERE, Cell, grid_cells, load_profile, load_yaml, sweep
+from lit_mpdit import build_dit
+from lit_mpdit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = ["adaln-A-s0", "rotation+scale-E-s0"]
+
+
+def test_grid_holds_the_ladder_and_the_strategies_once_each():
+    cells = grid_cells(load_yaml(HERE / "grid.yaml"), seeds=[0, 1])
+    ids = [c.id for c in cells]
+    assert len(ids) == len(set(ids)) == 2 * 13  # 5 rungs of adaln + 4 other strategies × {A, E}
+    for rung in "ABCDE":
+        assert f"adaln-{rung}-s1" in ids
+    for strategy in ["adaln", "shift", "scale", "rotation", "rotation+scale"]:
+        assert {f"{strategy}-A-s0", f"{strategy}-E-s0"} <= set(ids)
+    assert all(Cell.from_id(i).id == i for i in ids)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+def test_every_profile_gives_every_cell_the_same_budget(profile):
+    p = load_profile(profile)
+    assert p["fit"]["trainer"]["max_steps"] > 0 and p["eval"]["n_fake"] >= 2
+    assert "conditioning" not in p["fit"]["model"] and "mp" not in p["fit"]["model"]  # only the grid varies
+
+
+def test_bad_sweep_options_are_refused_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'paper'"):
+        sweep("huge", tmp_path / "a", None, None, "grid", None, None)
+    with pytest.raises(ConfigError, match="--cells: unknown cells \\['nope-A-s0'\\]"):
+        sweep("smoke", tmp_path / "b", None, None, "grid", None, ["nope-A-s0"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="--out: cannot write"):
+        sweep("smoke", blocker / "out", None, None, "grid", None, None)
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    sweep("smoke", out, None, None, "grid", None, CELLS)
+    return out
+
+
+def test_smoke_sweep_writes_every_table_and_plot(smoke_sweep):
+    for name in ["fid_table", "params_table"]:
+        for suffix in [".csv", ".md", ".tex"]:
+            assert (smoke_sweep / f"{name}{suffix}").stat().st_size > 0
+    for plot in ["fid_per_cell", "fid_vs_params", "loss_curves", "magnitude_curves"]:
+        assert (smoke_sweep / f"{plot}.png").stat().st_size > 0
+    fids = pd.read_csv(smoke_sweep / "fid_table.csv")
+    assert len(fids) == 2 and fids.fid.notna().all() and (fids.ci_low <= fids.fid).all() and (fids.fid <= fids.ci_high).all()
+    params = pd.read_csv(smoke_sweep / "params_table.csv").set_index("conditioning")
+    for cell in CELLS:
+        c = Cell.from_id(cell)
+        with torch.device("meta"):
+            expected = sum(p.numel() for p in build_dit("T/4", input_size=28, in_channels=1, num_classes=10, conditioning=c.conditioning, mp=c.mp).parameters())
+        assert params.loc[c.conditioning, "params"] == expected
+
+
+def test_rerun_reads_finished_cells_back_without_training(smoke_sweep):
+    results = {c: smoke_sweep / "cells" / c / "result.json" for c in CELLS}
+    before = {c: (p.stat().st_mtime_ns, json.loads(p.read_text())) for c, p in results.items()}
+    table = (smoke_sweep / "fid_table.csv").read_text()
+    sweep("smoke", smoke_sweep, None, None, "grid", None, CELLS)
+    assert {c: (p.stat().st_mtime_ns, json.loads(p.read_text())) for c, p in results.items()} == before
+    assert (smoke_sweep / "fid_table.csv").read_text() == table
+
+
+def test_notebook_regenerates_the_plots_from_the_tracked_runs(smoke_sweep, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "compare_ablations.ipynb", as_version=4)
+    env = {"SWEEP_DIR": str(smoke_sweep), "PROFILE": "smoke", "NOTEBOOK_OUT": str(tmp_path), "LIT_MPDIT_ROOT": str(ROOT)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert (tmp_path / "fid_per_cell.png").stat().st_size > 0 and (tmp_path / "fid_vs_params.png").stat().st_size > 0
