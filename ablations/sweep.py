@@ -126,17 +126,11 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
     return deep_merge(profile["fit"], overrides)
 
 
-def dataset_name(datamodule) -> str:
-    """The registry name of a data module (the reference-statistics cache is keyed by it)."""
-    from lit_mpdit.data import DATAMODULES
-
-    return next((name for name, cls in DATAMODULES.items() if type(datamodule) is cls), type(datamodule).__name__)
-
-
 def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float | None = None, run_id: str | None = None, tracking_uri: str = "") -> dict[str, Any]:
     """Train (or resume) one cell and evaluate it; the result is also written to `cell_dir/result.json`."""
     from lit_mpdit.cli import lightning_cli
     from lit_mpdit.cost import forward_gflops, n_params
+    from lit_mpdit.data import datamodule_name
     from lit_mpdit.evaluate import Protocol, evaluate
 
     result_path = cell_dir / "result.json"
@@ -150,7 +144,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     module = cli.model
     protocol = Protocol(**profile["eval"], seed=cell.seed)
     data = cli.datamodule
-    reference = f"{dataset_name(data)}:{protocol.reference_split}"
+    reference = f"{datamodule_name(data)}:{protocol.reference_split}"
     evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol)
     throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
     record = {

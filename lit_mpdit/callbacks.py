@@ -128,3 +128,42 @@ class MagnitudeDiagnostics(L.Callback):
             total = sum(w.square().sum() for w in weights) / sum(w.numel() for w in weights)
             metrics[f"diag/weight_rms/block_{i}"] = total.sqrt().item()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+class PeriodicFID(L.Callback):
+    """FID-N every `every_n_steps` steps while training, logged as `val/fid` (and its interval).
+
+    Off unless added to the trainer's callbacks; the network is built outside the LightningModule, so
+    EMA copies of the module never carry it. The reference features are cached on disk once.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,  # how often to measure
+        n_fake: int = 500,  # generated images per measurement
+        n_ref: int = 2000,  # reference images (the data module's split)
+        reference_split: str = "test",  # split of the data the reference images come from
+        steps: int = 25,  # sampling steps
+        sampler: str = "ddpm",
+        guidance: float = 1.5,
+        precision: str = "bf16",  # Inception precision
+        bootstrap: int = 0,  # resamples for an interval; 0 = none
+    ):
+        from lit_mpdit.evaluate import Protocol
+
+        self.every_n_steps = every_n_steps
+        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, "current", None, 0, precision, bootstrap)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        from lit_mpdit.data import datamodule_name
+        from lit_mpdit.evaluate import evaluate
+
+        data, split = trainer.datamodule, self.protocol.reference_split
+        result = evaluate(pl_module, f"{datamodule_name(data)}:{split}", lambda: data.reference_images(split, self.protocol.n_ref), self.protocol)
+        metrics = {"val/fid": result["fid"]}
+        if self.protocol.bootstrap:
+            metrics |= {"val/fid_lo": result["fid_lo"], "val/fid_hi": result["fid_hi"]}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)

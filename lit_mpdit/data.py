@@ -689,3 +689,8 @@ def build_datamodule(name: str, **kwargs: Any) -> HeldOutDataModule:
     """The data module registered as `name` (a key of DATAMODULES), built with `kwargs`."""
     check_choice("data", name, DATAMODULES)
     return DATAMODULES[name](**kwargs)
+
+
+def datamodule_name(datamodule: L.LightningDataModule) -> str:
+    """The registry name of a data module (reference statistics are cached under it)."""
+    return next((name for name, cls in DATAMODULES.items() if type(datamodule) is cls), type(datamodule).__name__)

@@ -89,3 +89,20 @@ def test_diagnostics_and_throughput_callbacks_log_every_block():
 def test_bad_module_options_are_refused(kwargs, option):
     with pytest.raises(ConfigError, match=option):
         DiffusionModule(size="T/4", **kwargs)
+
+
+def test_periodic_fid_is_logged_during_fit(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_mpdit.callbacks import PeriodicFID
+
+    data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
+    model = DiffusionModule(size="T/4", mp="E", sample_steps=3)
+    logger = CSVLogger(tmp_path, name="", version="")
+    fid = PeriodicFID(every_n_steps=2, n_fake=8, n_ref=16, steps=2, precision="bf16")
+    trainer(max_steps=4, limit_val_batches=0, logger=logger, callbacks=[fid]).fit(model, datamodule=data)
+    import pandas as pd
+
+    logged = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["val/fid"])
+    assert list(logged.step) == [2, 4]
+    assert (logged["val/fid"] > 0).all() and logged["val/fid"].map(math.isfinite).all()
