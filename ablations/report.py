@@ -177,6 +177,28 @@ def plot_magnitudes(out: Path, cells: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | None = None) -> None:
+    """Per-block activation RMS (top) and weight RMS (bottom) over training, one column per run."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(5 * len(runs), 7), squeeze=False, sharey="row")
+    for col, (name, metrics_csv) in enumerate(runs.items()):
+        metrics = pd.read_csv(metrics_csv)
+        if max_step is not None:
+            metrics = metrics[metrics.step <= max_step]
+        for row, prefix in enumerate(("diag/act_rms/", "diag/weight_rms/")):
+            ax = axes[row][col]
+            columns = sorted((c for c in metrics.columns if c.startswith(prefix)), key=lambda c: int(c.rsplit("_", 1)[1]))
+            for i, column in enumerate(columns):
+                series = metrics[["step", column]].dropna()
+                ax.plot(series.step, series[column], color=plt.cm.viridis(i / max(1, len(columns) - 1)), label=f"block {i}")
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_title(f"{name}: {'activation' if row == 0 else 'weight'} RMS per block")
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(study, out: Path, profile: str, baseline: dict[str, str]) -> Path:
     """Every table and plot of the sweep into `out` (the cells' results stay in out/cells)."""
     cells = study.user_attrs["cells"] if study is not None else None
@@ -197,7 +219,15 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str]) -> Pa
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m ablations.report [SWEEP_DIR]` rebuilds a sweep's report;
+    `python -m ablations.report magnitudes OUT.png NAME=metrics.csv ... [--max-step N]` plots runs' magnitudes."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "magnitudes":
+        max_step = int(argv[argv.index("--max-step") + 1]) if "--max-step" in argv else None
+        runs = dict(a.split("=", 1) for a in argv[2:] if "=" in a)
+        plot_block_magnitudes({k: Path(v) for k, v in runs.items()}, Path(argv[1]), max_step)
+        print(argv[1])
+        return
     out = Path(argv[0] if argv else "results/ablations/cpu")
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
     print(write_report(None, out, out.name, grid["baseline"]))

@@ -110,7 +110,7 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
         "trainer": {
             "default_root_dir": str(cell_dir),
             "logger": loggers,
-            "enable_progress_bar": False,
+            "enable_progress_bar": sys.stdout.isatty(),  # a bar on a terminal, plain lines in a log
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": ema_decay}},
                 {
@@ -140,6 +140,8 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     cli = lightning_cli(args=cell_config(profile, cell, cell_dir, lr, run_id, tracking_uri), run=False)
     last = cell_dir / "checkpoints" / "last.ckpt"
     started = time.time()
+    resume = f", resuming from {last}" if last.exists() else ""
+    print(f"[sweep] {cell.id}: training {cli.trainer.max_steps} steps{resume}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
     module = cli.model
     protocol = Protocol(**profile["eval"], seed=cell.seed)
@@ -161,6 +163,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
         "protocol": evaluation["protocol"],
     }
     write_json(result_path, record)
+    print(f"[sweep] {cell.id}: FID {record['fid']:.2f} [{record['fid_lo']:.2f}, {record['fid_hi']:.2f}], {record['wall_s']:.0f} s", flush=True)
     return record
 
 
@@ -318,6 +321,7 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     objective = make_objective(profile, out, tracking_uri, tpe_space)
 
     mlflow.set_experiment(study_name)
+    started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
@@ -328,8 +332,30 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
         from ablations.report import write_report
 
         report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"])
-        mlflow.log_artifacts(str(report_dir), "report")
+        write_json(out / "sweep_run.json", run_info(profile_name, mode, started))
+        for path in sorted(report_dir.iterdir()):  # the tables and plots, not the cells' checkpoints
+            if path.suffix in (".csv", ".md", ".tex", ".png", ".json"):
+                mlflow.log_artifact(str(path), "report")
     return report_dir
+
+
+def run_info(profile: str, mode: str, started: float) -> dict[str, Any]:
+    """When and where this invocation ran (a resumed sweep records only its own part)."""
+    import platform
+
+    import torch
+
+    return {
+        "profile": profile,
+        "mode": mode,
+        "command": " ".join(["python -m ablations.sweep", *sys.argv[1:]]),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_minutes": round((time.time() - started) / 60, 1),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
