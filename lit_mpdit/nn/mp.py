@@ -54,9 +54,13 @@ def sincos_table_2d(grid: int, dim: int) -> np.ndarray:
 
 
 def mp_sincos_table_2d(grid: int, dim: int) -> np.ndarray:
-    """The sine-cosine table centred and scaled to unit RMS, so it can be mp_sum-merged with tokens."""
+    """The sine-cosine table centred and scaled to unit RMS, so it can be mp_sum-merged with tokens.
+
+    A single position has nothing to centre against (it would become all zeros): it is only scaled.
+    """
     table = sincos_table_2d(grid, dim)
-    table = table - table.mean(axis=0, keepdims=True)
+    if grid > 1:
+        table = table - table.mean(axis=0, keepdims=True)
     return table / np.sqrt(np.mean(table**2))
 
 
