@@ -1,6 +1,7 @@
 """The LightningModule: a ready-built DiT, the diffusion loss, optimizer presets per family, sampling."""
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -189,12 +190,13 @@ def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> D
     check_choice("--weights", weights, WEIGHTS)
     try:
         checkpoint = torch.load(ckpt, map_location=map_location, weights_only=False)
-        module = DiffusionModule(**checkpoint["hyper_parameters"])
+        accepted = inspect.signature(DiffusionModule.__init__).parameters  # LightningCLI adds its own keys
+        module = DiffusionModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
     except FileNotFoundError:
         raise ConfigError(f"--ckpt: no checkpoint at {ckpt}") from None
-    except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except Exception as e:  # truncated, corrupt or foreign files fail in many ways inside torch.load
         raise ConfigError(f"--ckpt: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
     state = checkpoint.get("current_model_state") if weights == "current" else None
     module.load_state_dict(state or checkpoint["state_dict"])
