@@ -320,6 +320,8 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     mlflow.set_tracking_uri(tracking_uri)
     objective = make_objective(profile, out, tracking_uri, tpe_space)
 
+    if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns
+        mlflow.create_experiment(study_name, artifact_location=(out / "mlartifacts").resolve().as_uri())
     mlflow.set_experiment(study_name)
     started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
