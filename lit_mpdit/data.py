@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lit_mpdit.errors import ConfigError, check_choice
 
@@ -210,6 +210,30 @@ def held_out_split(n: int, val_size: int, seed: int, limit_train: int | None) ->
     return order[val_size:].sort().values[:limit_train], order[:val_size].sort().values
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order per epoch that depends only on (seed, epoch), so a resumed run sees the same data.
+
+    Lightning calls `set_epoch` before every epoch (as it does for distributed samplers)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self._skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_once(self, count: int) -> None:
+        """Start the next epoch's order after its first `count` examples."""
+        self._skip = count
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class HeldOutDataModule(L.LightningDataModule, ABC):
     """Loaders over the splits "train" and "val" (held out of the training split) and, where one exists, "test".
 
@@ -264,24 +288,33 @@ class HeldOutDataModule(L.LightningDataModule, ABC):
         check_choice(f"{type(self).__name__} split", split, self._splits)
         return self._splits[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # Its own generator: creating an iterator then never draws from the global stream, which
+            # training uses for noise and timesteps (a resumed run would otherwise be shifted by one draw).
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=keep_batch,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        sampler = EpochShuffle(len(self.dataset("train")), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.fit_loop.restarting:
+            # Resumed mid-epoch: the epoch's order is a function of (seed, epoch), so skipping the
+            # batches it already consumed continues the data stream exactly.
+            sampler.skip_once(trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.batch_size)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 class ImageDataModule(HeldOutDataModule):

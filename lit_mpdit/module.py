@@ -115,6 +115,15 @@ class DiffusionModule(L.LightningModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, y)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Timesteps, noise and class dropout come from the global generator: a resumed run must
+        # continue its stream, not restart it from the seed.
+        checkpoint["rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+
     def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         n = x.shape[0]
         k = torch.randint(0, self.diffusion.num_steps, (n,), device=x.device, generator=generator)
