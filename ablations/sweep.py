@@ -126,6 +126,16 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
     return deep_merge(profile["fit"], overrides)
 
 
+def readable_checkpoint(path: Path) -> bool:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except Exception:
+        return False
+
+
 def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float | None = None, run_id: str | None = None, tracking_uri: str = "") -> dict[str, Any]:
     """Train (or resume) one cell and evaluate it; the result is also written to `cell_dir/result.json`."""
     from lit_mpdit.cli import lightning_cli
@@ -139,6 +149,8 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     cell_dir.mkdir(parents=True, exist_ok=True)
     cli = lightning_cli(args=cell_config(profile, cell, cell_dir, lr, run_id, tracking_uri), run=False)
     last = cell_dir / "checkpoints" / "last.ckpt"
+    if last.exists() and not readable_checkpoint(last):  # killed while writing it: start the cell again
+        os.replace(last, last.with_suffix(".ckpt.corrupt"))
     started = time.time()
     resume = f", resuming from {last}" if last.exists() else ""
     print(f"[sweep] {cell.id}: training {cli.trainer.max_steps} steps{resume}", flush=True)
