@@ -104,6 +104,10 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
             {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": tracking_uri, "run_id": run_id}}
         )
     ema_decay = profile.get("ema_decay", 0.999)
+    if lr is None:  # a profile may set a learning rate per family instead of the family's preset
+        from lit_mpdit.config import resolve_mp
+
+        lr = profile.get("lr", {}).get(resolve_mp(cell.mp).family)
     overrides = {
         "seed_everything": cell.seed,
         "model": {"conditioning": cell.conditioning, "mp": cell.mp, **({"lr": lr} if lr is not None else {})},
@@ -112,7 +116,12 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
             "logger": loggers,
             "enable_progress_bar": sys.stdout.isatty(),  # a bar on a terminal, plain lines in a log
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": ema_decay}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                    # A fixed-decay EMA started at step 0 keeps a share decay^steps of the random
+                    # initialisation: short runs start it later.
+                    "init_args": {"decay": ema_decay, "update_starting_at_step": profile.get("ema_start", 0)},
+                },
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(cell_dir / "checkpoints"), "save_last": True, "every_n_train_steps": profile.get("checkpoint_every", 100), "save_top_k": 0},
