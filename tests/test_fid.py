@@ -56,14 +56,14 @@ def feats(net, images) -> dict[str, torch.Tensor]:
 def test_tf1_resize_weights_by_hand():
     # 2 → 4: outputs sample the input at 0, 0.5, 1, 1.5 (clamped to the last pixel)
     expected = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
-    torch.testing.assert_close(F.tf1_bilinear_weights(2, 4), expected)
-    torch.testing.assert_close(F.tf1_bilinear_weights(28, 299).sum(dim=1), torch.ones(299))
+    torch.testing.assert_close(F.tf1_bilinear_weights(2, 4).float(), expected)
+    torch.testing.assert_close(F.tf1_bilinear_weights(28, 299).sum(dim=1), torch.ones(299, dtype=torch.float64))
 
 
 def test_tf1_resize_matches_nvidia_grid_sample_resize():
     resample = pytest.importorskip("fid_helper_pytorch._resample_func")  # an independent implementation of TF1's resize
     x = torch.rand(2, 1, 28, 28) * 255
-    ours = F.tf1_bilinear_weights(28, 299) @ x @ F.tf1_bilinear_weights(28, 299).T
+    ours = F.tf1_bilinear_weights(28, 299).float() @ x @ F.tf1_bilinear_weights(28, 299).float().T
     torch.testing.assert_close(ours, resample.nv_bilinear(x, (299, 299)), atol=1e-3, rtol=0)
 
 

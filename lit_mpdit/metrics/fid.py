@@ -69,7 +69,7 @@ def protocol(precision: str) -> dict[str, str]:
 
 @lru_cache(maxsize=8)
 def tf1_bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix of TF1's bilinear resize along one axis: output j interpolates the input at j·n_in/n_out,
+    """(n_out, n_in) float64 matrix of TF1's bilinear resize along one axis: output j interpolates the input at j·n_in/n_out,
     the last input pixel repeating past the edge. Resizing an image is then R_h · X · R_wᵀ."""
     src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
     left = src.floor().long()
@@ -78,7 +78,7 @@ def tf1_bilinear_weights(n_in: int, n_out: int) -> torch.Tensor:
     weights = torch.zeros(n_out, n_in, dtype=torch.float64)
     weights.index_put_((rows, left), 1 - frac, accumulate=True)
     weights.index_put_((rows, (left + 1).clamp(max=n_in - 1)), frac, accumulate=True)
-    return weights.float()
+    return weights
 
 
 def network_path() -> Path:
@@ -124,7 +124,8 @@ class InceptionFeatures(nn.Module):
         h, w = images.shape[-2:]
         resize_h = tf1_bilinear_weights(h, INPUT_SIZE).to(images.device)
         resize_w = tf1_bilinear_weights(w, INPUT_SIZE).to(images.device)
-        x = resize_h @ images.float() @ resize_w.T  # (N, C, 299, 299), still in [0, 255]
+        # In float64, so rows that sum to 1 keep a flat image exactly flat (255 stays 255).
+        x = (resize_h @ images.double() @ resize_w.T).float()  # (N, C, 299, 299), still in [0, 255]
         x = (x / 128 - 1).expand(-1, 3, -1, -1)  # grayscale → RGB; a no-op for RGB
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
