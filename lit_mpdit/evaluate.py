@@ -19,7 +19,7 @@ import torch
 
 from lit_mpdit.errors import ConfigError, check_choice
 
-WEIGHT_CHOICES = ("ema", "current", "posthoc")
+WEIGHT_CHOICES = ("ema", "current", "posthoc", "init")  # init: an untrained model, the baseline
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Protocol:
     steps: int = 50  # sampling steps (respaced)
     sampler: str = "ddpm"  # ddpm or ddim
     guidance: float = 1.5  # classifier-free guidance scale; 1 = none
-    weights: str = "ema"  # ema, current, or posthoc (EDM2 reconstruction at sigma_rel)
+    weights: str = "ema"  # ema, current, posthoc (EDM2 reconstruction at sigma_rel), or init (untrained)
     sigma_rel: float | None = None  # for posthoc
     seed: int = 0  # seeds the sampling noise and the bootstrap
     precision: str = "fp32"  # Inception precision: fp32 or bf16
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     if spec is None:
         raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: {', '.join(DATASETS)}")
     dataset, split, _ = spec
-    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, args.weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
+    weights = "init" if args.untrained else args.weights
+    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
     if args.untrained == (args.ckpt is not None):
         raise ConfigError("evaluate: give exactly one of --ckpt C and --untrained")
     if args.untrained:

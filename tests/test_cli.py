@@ -1,4 +1,5 @@
 """The command line as a user meets it: bad options refused in one line, a short fit, a sample grid."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,20 @@ def test_fit_then_sample_writes_a_class_per_row_grid(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     width, height = Image.open(out).size
     assert (width, height) == (2 * (3 * 30 + 2), 2 * (4 * 30 + 2))  # 3 per row, 4 rows of 28 px + 2 px gaps, ×2
+
+    fid_json = tmp_path / "fid.json"
+    proc = run(
+        "evaluate", "--ckpt", str(ckpts[0]), "--reference", "fashion_mnist_sample:test", "--n", "8", "--n-ref", "16",
+        "--steps", "2", "--sampler", "ddim", "--bootstrap", "10", "--precision", "bf16", "--out", str(fid_json),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == json.loads(fid_json.read_text())
+    assert result["fid"] > 0 and result["fid_lo"] <= result["fid"] <= result["fid_hi"]
+    protocol = result["protocol"]
+    assert (protocol["n_fake"], protocol["n_ref"], protocol["steps"], protocol["sampler"], protocol["weights"]) == (8, 16, 2, "ddim", "ema")
+    assert protocol["training_step"] == 4 and protocol["reference"] == "fashion_mnist_sample:test"
 
 
 def test_sample_refuses_a_corrupt_checkpoint(tmp_path):
