@@ -79,6 +79,13 @@ def test_float_samples_are_rounded_like_saved_pngs(net, images):
     torch.testing.assert_close(net(samples), net(images["test"][:2]))
 
 
+def test_layer_by_layer_fp32_is_the_torchscript_forward(images):
+    net = F.InceptionFeatures("fp32")
+    x = net.preprocess(images["test"][:2])
+    with torch.no_grad():
+        assert torch.equal(net.network(x), net.net(x))
+
+
 def test_features_shape_and_bf16_close_to_fp32(images, feats):
     assert feats["test"].shape == (N, 2048) and feats["test"].dtype == torch.float32
     fp32 = F.InceptionFeatures("fp32")(images["test"][:4])
@@ -126,7 +133,7 @@ def test_metric_over_images_holds_the_reference_sums(net, images, feats):
     preloaded = F.fid_metric(net, reference=feats["test"])
     for state in ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"):
         torch.testing.assert_close(getattr(preloaded, state), getattr(metric, state))
-    preloaded.update(images["train"], real=False)
+    preloaded.update(images["train"][:4], real=False)
     preloaded.reset()  # the real side survives a reset
     assert int(preloaded.real_features_num_samples) == N and int(preloaded.fake_features_num_samples) == 0
 
@@ -162,7 +169,7 @@ def test_reference_cache_hit_miss_and_key_check(net, images, tmp_path):
     assert path.is_file() and "n8" in path.name and "bf16" in path.name
     with np.load(path) as stored:
         record = dict(stored)
-    np.savez(path, **{**record, "key": np.asarray(F.cache_key("another set", 8, "bf16"))})
+    np.savez(path, **{**record, "key": np.asarray(F.cache_key("another set", 8, F.protocol("bf16")))})
     F.reference_features("fashion_mnist_sample:test", images_fn, 8, net=net, cache_dir=tmp_path)
     assert len(calls) == 2  # the stored key disagreed: recomputed
     F.reference_features("fashion_mnist_sample:test", images_fn, 6, net=net, cache_dir=tmp_path)
@@ -240,5 +247,5 @@ def test_cli_prints_one_json_line(feats, tmp_path, capsys):
     assert result["n_real"] == result["n_fake"] == N
     assert result["fid"] == pytest.approx(F.frechet_distance(feats["test"], feats["train"]), rel=1e-4)
     assert result["ci95"][0] < result["fid"] < result["ci95"][1]
-    assert result["protocol"]["precision"] == "bf16" and "2015-12-05" in result["protocol"]["network"]
+    assert result["protocol"]["precision"].startswith("bf16") and "2015-12-05" in result["protocol"]["network"]
     assert len(list(tmp_path.glob("*.npz"))) == 2  # both dataset splits went through the reference cache
