@@ -1,129 +1,287 @@
-"""`make bench`: training and sampling throughput, FLOP efficiency and memory, as JSON and Markdown.
+"""`make bench`: training and sampling speed, FLOP efficiency and memory of every strategy and rung; FID
+feature extraction speed; the wall time of one `cpu`-profile ablation cell. Writes results/bench/latest.json
+and latest.md.
 
-Ratios are measured in one run on one machine, against the matmul peak measured in the same run,
-because absolute times on shared machines are noise. Writes results/bench/latest.json and latest.md.
+Times on a shared machine are noise plus signal, and noise only ever adds: every configuration of one
+(setting, batch, precision) group is built first, then timed in interleaved rounds, and the fastest round
+counts. Ratios come from one run, against the matmul peak measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 from lit_mpdit.cost import forward_gflops, n_params
 from lit_mpdit.module import DiffusionModule
 
+ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (size, input_size, channels, classes, batches)
-    "C/4 fmnist": ("C/4", 28, 1, 10, (128,)),
-    "S/4 latents": ("S/4", 16, 4, 1000, (32, 128)),
+    "C/4 fmnist": ("C/4", 28, 1, 10, (128,)),  # the CPU default (configs/fmnist.yaml)
+    "S/4 latents": ("S/4", 16, 4, 1000, (32, 128)),  # the paper's S/4 on 128-px ImageNet latents
+    "T/4 tiny": ("T/4", 8, 1, 10, (4,)),  # for tests of this script only
 }
+DEFAULT_SETTINGS = ("C/4 fmnist", "S/4 latents")
 PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16}
+RUNGS = ("A", "E")
+TARGETS = {  # what issue 5 asks of the ratios
+    "rotation+scale / adaln step time": ("≤", 0.97),
+    "rung E / rung A step time": ("≤", 1.10),
+    "S/4 b32 fp32 fraction of matmul peak": ("≥", 0.60),
+    "bf16-mixed speed-up over fp32": ("≥", 1.8),
+    "FID extraction speed-up": ("≥", 2.0),
+    "FID change, |%|": ("≤", 0.5),
+}
+
+
+# ----------------------------------------------------------------------------
+# Measurements.
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of an n×n product, the best of `repeats`."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def train_step_seconds(module: DiffusionModule, batch: int, dtype, steps: int) -> float:
-    cfg = module.net.cfg
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
-    y = torch.randint(0, cfg.num_classes, (batch,))
-    opt = module.configure_optimizers()["optimizer"]
+class Config:
+    """One module and its inputs; `step()` is one optimizer step on a fixed batch."""
 
-    def step():
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = module.losses(x, y)["loss"]
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, setting: str, conditioning: str, mp: str, batch: int, precision: str):
+        size, input_size, channels, classes, _ = SETTINGS[setting]
+        self.key = {"setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch, "precision": precision}
+        torch.manual_seed(0)
+        self.module = DiffusionModule(size=size, conditioning=conditioning, mp=mp, input_size=input_size, in_channels=channels, num_classes=classes)
+        self.dtype = PRECISIONS[precision]
+        self.x = torch.randn(batch, channels, input_size, input_size)
+        self.y = torch.randint(0, classes, (batch,))
+        self.optimizer = self.module.configure_optimizers()["optimizer"]
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def step(self) -> None:
+        with self.autocast():
+            loss = self.module.losses(self.x, self.y)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.optimizer.step()
 
-    step()  # warm-up: allocator, kernels
-    return sorted(_timed(step) for _ in range(steps))[steps // 2]  # the median step
+    def train_gflops(self) -> float:
+        """FLOPs of one forward + backward, counted by torch's FLOP counter (matmuls, attention)."""
+        with FlopCounterMode(display=False) as counter, self.autocast():
+            self.module.losses(self.x, self.y)["loss"].backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
+
+    def train_memory_mb(self) -> float:
+        """Parameters, gradients and optimizer state, plus every tensor autograd saves for the backward."""
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+            loss = self.module.losses(self.x, self.y)["loss"]
+        del loss
+        state = sum(p.numel() * p.element_size() for p in self.module.net.parameters()) * 4  # + grad, Adam's two moments
+        return (state + sum(saved.values())) / 2**20
+
+    def sample_step_images_per_s(self, rounds: int) -> float:
+        """Images per second through one guided sampling step (two network passes per image)."""
+        labels = self.y[:64]
+        with self.autocast():
+            self.module.sample(labels[:2], steps=1)
+            best = min(timed(lambda: self.module.sample(labels, steps=2, guidance=1.5)) for _ in range(rounds))
+        return len(labels) * 2 / best
 
 
-def sample_images_per_second(module: DiffusionModule, batch: int, dtype, steps: int = 4) -> float:
-    labels = torch.arange(batch) % module.hparams.num_classes
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        module.sample(labels[:2], steps=1)
-        seconds = _timed(lambda: module.sample(labels, steps=steps, guidance=1.5))
-    return batch / (seconds / steps)  # images per second per sampling step (with guidance: 2 passes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
-    p.add_argument("--out", default="results/bench")
-    p.add_argument("--quick", action="store_true", help="adaln and rotation+scale only, fp32 only")
-    args = p.parse_args(argv)
-
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    strategies = ["adaln", "rotation+scale"] if args.quick else list(NAMED_STRATEGIES)
-    precisions = {"fp32": None} if args.quick else PRECISIONS
+def bench_models(settings: list[str], strategies: list[str], precisions: list[str], rounds: int, peaks: dict[str, float]) -> list[dict]:
     rows = []
-    for setting, (size, input_size, channels, classes, batches) in SETTINGS.items():
-        for conditioning in strategies:
-            for mp in "AE":
-                torch.manual_seed(0)
-                module = DiffusionModule(size=size, conditioning=conditioning, mp=mp, input_size=input_size, in_channels=channels, num_classes=classes)
-                gflops = forward_gflops(module.net)
-                for batch in batches:
-                    for precision, dtype in precisions.items():
-                        seconds = train_step_seconds(module, batch, dtype, args.steps)
-                        achieved = 3 * gflops * batch / seconds  # forward + backward ≈ 3 forward passes
-                        rows.append({
-                            "setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch,
-                            "precision": precision, "params": n_params(module.net), "gflops_per_image": gflops,
-                            "train_step_s": seconds, "train_images_per_s": batch / seconds,
-                            "achieved_gflops_per_s": achieved, "fraction_of_peak": achieved / peaks["bf16" if dtype else "fp32"],
-                            "sample_images_per_s": sample_images_per_second(module, min(batch, 64), dtype),
-                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                        })  # fmt: skip
-                        print(json.dumps(rows[-1]), flush=True)
+    for setting in settings:
+        for batch in SETTINGS[setting][4]:
+            for precision in precisions:
+                group = [Config(setting, c, mp, batch, precision) for mp in RUNGS for c in strategies]
+                for config in group:
+                    config.step()  # warm-up: allocator, oneDNN kernels
+                best = {id(c): float("inf") for c in group}
+                for _ in range(rounds):
+                    for config in group:
+                        best[id(config)] = min(best[id(config)], timed(config.step))
+                for config in group:
+                    seconds, gflops = best[id(config)], config.train_gflops()
+                    achieved = gflops / seconds
+                    rows.append({
+                        **config.key,
+                        "params": n_params(config.module.net),
+                        "forward_gflops_per_image": forward_gflops(config.module.net),
+                        "train_gflops_per_step": gflops,
+                        "train_step_s": seconds,
+                        "train_images_per_s": batch / seconds,
+                        "achieved_gflops_per_s": achieved,
+                        "fraction_of_peak": achieved / peaks["bf16" if config.dtype else "fp32"],
+                        "train_memory_mb": config.train_memory_mb(),
+                        "sample_step_images_per_s": config.sample_step_images_per_s(max(1, rounds // 2)),
+                    })  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)
+                del group
+    return rows
 
-    def step_time(**match):
-        hits = [r["train_step_s"] for r in rows if all(r[k] == v for k, v in match.items())]
-        return hits[0] if hits else None
 
-    ratios = {}
-    for setting, (_, _, _, _, batches) in SETTINGS.items():
-        for batch in batches:
-            for mp in "AE":
-                base = step_time(setting=setting, batch=batch, mp=mp, conditioning="adaln", precision="fp32")
-                ratios[f"{setting} b{batch} rung {mp}: rotation+scale / adaln"] = step_time(setting=setting, batch=batch, mp=mp, conditioning="rotation+scale", precision="fp32") / base
-            ratios[f"{setting} b{batch} adaln: rung E / rung A"] = step_time(setting=setting, batch=batch, mp="E", conditioning="adaln", precision="fp32") / step_time(setting=setting, batch=batch, mp="A", conditioning="adaln", precision="fp32")
-            bf16 = step_time(setting=setting, batch=batch, mp="A", conditioning="adaln", precision="bf16-mixed")
-            if bf16:
-                ratios[f"{setting} b{batch} adaln A: bf16 speed-up"] = step_time(setting=setting, batch=batch, mp="A", conditioning="adaln", precision="fp32") / bf16
+def bench_fid(n: int, speed_images: int, rounds: int) -> dict:
+    """The plain fp32 TorchScript against the suite's default fast path, on real FMNIST test vs train images."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_fid import BASELINE, FAST, measure, plain_fp32
+
+    from lit_mpdit.metrics.fid import InceptionFeatures, load_images
+
+    batch = 8
+    paths = {BASELINE: plain_fp32(InceptionFeatures("fp32", channels_last=False, batch_size=batch)), FAST: InceptionFeatures("bf16", batch_size=batch)}
+    real, other = load_images("fashion_mnist:test", n), load_images("fashion_mnist:train", n)
+    result = measure(paths, {"fashion_mnist test vs train": (real, other)}, real[:speed_images], rounds, batch)
+    return {**result, "n_per_set": n, "baseline": BASELINE, "fast": FAST}
+
+
+def bench_cell(profile: str, cell: str) -> dict:
+    """One ablation cell run by the sweep driver as a user runs it, in a fresh process and output folder."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "ablations.sweep", "--profile", profile, "--cells", cell, "--out", out]
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        result = json.loads(next(Path(out).glob("**/result.json")).read_text())
+    return {"command": " ".join(command[1:]), "process_wall_s": wall, "train_and_eval_s": result["wall_s"], "fid": result["fid"], "steps": result["steps"]}
+
+
+# ----------------------------------------------------------------------------
+# Ratios against the targets.
+
+
+def ratios(rows: list[dict], peaks: dict[str, float]) -> list[dict]:
+    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows}
+    out = []
+
+    def add(name: str, where: str, value: float, bound: float | None = None):
+        op, target = TARGETS[name]
+        met = value <= target if op == "≤" else value >= target
+        out.append({"target": name, "where": where, "value": value, "goal": f"{op} {target}", "met": met, **({"flop_bound": bound} if bound else {})})
+
+    for (setting, batch, precision, mp, conditioning), r in index.items():
+        where = f"{setting} b{batch} {precision}"
+        if conditioning == "rotation+scale" and (base := index.get((setting, batch, precision, mp, "adaln"))):
+            # The FLOP ratio is the bound for a compute-bound step: only the head shrinks.
+            add("rotation+scale / adaln step time", f"{where} rung {mp}", r["train_step_s"] / base["train_step_s"], r["train_gflops_per_step"] / base["train_gflops_per_step"])
+        if mp == "E" and (a := index.get((setting, batch, precision, "A", conditioning))):
+            add("rung E / rung A step time", f"{where} {conditioning}", r["train_step_s"] / a["train_step_s"])
+        if precision == "bf16-mixed" and (fp32 := index.get((setting, batch, "fp32", mp, conditioning))):
+            add("bf16-mixed speed-up over fp32", f"{setting} b{batch} {conditioning} rung {mp}", fp32["train_step_s"] / r["train_step_s"])
+        if setting == "S/4 latents" and batch == 32 and precision == "fp32":
+            add("S/4 b32 fp32 fraction of matmul peak", f"{conditioning} rung {mp}", r["fraction_of_peak"])
+    return out
+
+
+def fid_ratios(fid: dict) -> list[dict]:
+    speedup = fid["speedup_vs_fp32"][fid["fast"]]
+    change = max(abs(v[fid["fast"]]) for v in fid["fid_relative_change_pct"].values())
+    return [
+        {"target": "FID extraction speed-up", "where": fid["fast"], "value": speedup, "goal": "≥ 2.0", "met": speedup >= 2.0},
+        {"target": "FID change, |%|", "where": f"n = {fid['n_per_set']} per set", "value": change, "goal": "≤ 0.5", "met": change <= 0.5},
+    ]
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def markdown(report: dict) -> str:
+    peaks = report["matmul_peak_gflops_per_s"]
+    lines = [
+        f"# Benchmark {report['date_utc']}",
+        "",
+        f"`{report['command']}` on {report['machine']['threads']} threads ({report['machine']['arch']}, torch {report['machine']['torch']}); "
+        f"matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; load average {report['load_average']}.",
+        "",
+        "## Targets",
+        "",
+        "| target | where | value | goal | met | FLOP-ratio bound |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['target']} | {t['where']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} | {t['flop_bound']:.3f} |"
+        if "flop_bound" in t else f"| {t['target']} | {t['where']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} | |"
+        for t in sorted(report["targets"], key=lambda t: t["target"])
+    ]
+    lines += ["", "## Training and sampling", "", "| setting | strategy | rung | batch | precision | params | train img/s | GFLOP/s | % of peak | train MB | sample-step img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['setting']} | {r['conditioning']} | {r['mp']} | {r['batch']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_images_per_s']:.1f} | "
+        f"{r['achieved_gflops_per_s']:.0f} | {100 * r['fraction_of_peak']:.0f} | {r['train_memory_mb']:.0f} | {r['sample_step_images_per_s']:.0f} |"
+        for r in report["rows"]
+    ]
+    if fid := report.get("fid"):
+        lines += ["", "## FID feature extraction", "", "| path | images/s | speed-up | FID change % |", "|---|---|---|---|"]
+        change = next(iter(fid["fid_relative_change_pct"].values()))
+        lines += [f"| {k} | {v:.1f} | {fid['speedup_vs_fp32'][k]:.2f} | {change[k]:+.3f} |" for k, v in fid["images_per_s"].items()]
+    if cell := report.get("cell"):
+        lines += ["", "## One ablation cell", "", f"`{cell['command']}`: {cell['process_wall_s']:.0f} s in all, {cell['train_and_eval_s']:.0f} s training and evaluation ({cell['steps']} steps), FID {cell['fid']:.1f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per group (the fastest counts)")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--strategies", nargs="+", default=list(NAMED_STRATEGIES), choices=list(NAMED_STRATEGIES))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--fid-n", type=int, default=500, help="real images per set for the FID change (0 = skip FID)")
+    p.add_argument("--cell", default="adaln-A-s0", help="the cpu-profile cell to time ('' = skip)")
+    p.add_argument("--profile", default="cpu", help="the ablation profile of --cell")
+    p.add_argument("--out", default="results/bench")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable folder fails now, not after the run
+
+    load = os.getloadavg()[0]
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = bench_models(args.settings, args.strategies, args.precisions, args.rounds, peaks)
     report = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": torch.get_num_threads(), "arch": platform.machine(), "torch": torch.__version__},
+        "command": shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"threads": torch.get_num_threads(), "arch": platform.machine(), "torch": torch.__version__},
+        "load_average": round(load, 2),
         "matmul_peak_gflops_per_s": peaks,
-        "ratios": ratios,
+        "targets": ratios(rows, peaks),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.fid_n:
+        report["fid"] = bench_fid(args.fid_n, speed_images=64, rounds=3)
+        report["targets"] += fid_ratios(report["fid"])
+    if args.cell:
+        report["cell"] = bench_cell(args.profile, args.cell)
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Benchmark {report['date_utc']}", "", f"matmul peak: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s", ""]
-    lines += [f"- {k}: {v:.3f}" for k, v in ratios.items()] + ["", "| setting | strategy | rung | batch | precision | train img/s | % of peak | sample img/s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['conditioning']} | {r['mp']} | {r['batch']} | {r['precision']} | {r['train_images_per_s']:.0f} | {100 * r['fraction_of_peak']:.0f} | {r['sample_images_per_s']:.0f} |" for r in rows]
-    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    (out / "latest.md").write_text(markdown(report))
     print(out / "latest.md")
+    return report
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class GaussianDiffusion:
         abar_prev = np.append(1.0, abar[:-1])
         betas = 1 - abar / abar_prev
         post_var = betas * (1 - abar_prev) / (1 - abar)  # β̃ (DDPM Eq. 7)
-        post_log_var = np.log(np.append(post_var[1], post_var[1:]))  # β̃_0 = 0: clip to β̃_1
+        floor = post_var[1] if len(post_var) > 1 else betas[0]  # β̃_0 = 0: clip to β̃_1 (to β_0 for a one-step schedule)
+        post_log_var = np.log(np.append(floor, post_var[1:]))
         tables = {
             "timestep_map": kept,
             "abar": abar,

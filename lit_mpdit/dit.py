@@ -196,7 +196,7 @@ class Block(nn.Module):
         """AdaLN-Zero's x + g·y (zero gate: the block starts as the identity), or the MP sum."""
         if self.cfg.mp.mp_residual:
             return mp_sum(x, (1 + gate) * y, RESIDUAL_T)
-        return x + gate * y
+        return torch.addcmul(x, gate, y)
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         cond, d = self.cfg.conditioning, self.cfg.width

@@ -108,7 +108,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         p = self.preset()
         cls = torch.optim.AdamW if p.algorithm == "adamw" else torch.optim.Adam
-        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=True)  # one kernel per step
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p.warmup_steps, p.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS, Conditioning, rotate
+from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS, Conditioning, PairAffine, rotate, rotation, scale, shift
 from lit_mpdit.errors import ConfigError
 
 ALL = [*NAMED_STRATEGIES, *OPERATIONS, "scale+shift+rotation"]
@@ -80,3 +80,16 @@ def test_modulation_applies_scale_then_shift_then_rotation():
 def test_unknown_strategy_names_the_allowed_ones(bad):
     with pytest.raises(ConfigError, match="model.conditioning.*allowed: adaln, shift, scale, rotation, rotation\\+scale"):
         Conditioning.parse(bad)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 10_000), order=st.permutations(["scale", "shift", "rotation", "rotation"]))
+def test_composed_affine_equals_applying_the_operations_one_by_one(seed, order):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    make = {"scale": (scale, 8), "shift": (shift, 8), "rotation": (rotation, 4)}
+    steps = [make[name][0](torch.randn(2, 1, make[name][1], generator=g, dtype=torch.float64)) for name in order]
+    composed, expected = PairAffine(torch.ones(1, 1, 8, dtype=torch.float64)), h
+    for step in steps:
+        composed, expected = composed.then(step), step(expected)
+    torch.testing.assert_close(composed(h), expected)

@@ -21,7 +21,7 @@ def oracle(x0_star: torch.Tensor, v: float = -1.0):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-@pytest.mark.parametrize("steps", [1000, 50, 7])
+@pytest.mark.parametrize("steps", [1000, 50, 7, 2, 1])
 def test_samplers_recover_a_one_point_dataset_with_the_exact_denoiser(sampler, steps):
     x0 = torch.rand(1, 1, 4, 4) * 2 - 1
     diffusion = GaussianDiffusion().respaced(steps)

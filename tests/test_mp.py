@@ -2,6 +2,7 @@
 import math
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import given, settings
 
@@ -90,3 +91,20 @@ def test_mp_embedding_rows_have_unit_rms():
     emb = MPEmbedding(11, 64)
     out = emb(torch.arange(11))
     torch.testing.assert_close(out.square().mean(dim=1), torch.ones(11), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("gain", ["one", "zero", "learned"])
+def test_fused_weight_normalization_matches_autograd_through_normalize(gain):
+    torch.manual_seed(0)
+    layer = MPLinear(16, 8, gain=gain, forced=False).double()
+    if layer.gain is not None:
+        layer.gain.data.fill_(0.7)  # a zero gain would hide the weight's gradient
+    layer.weight.data.mul_(torch.rand(8, 1, dtype=torch.float64) * 3)  # rows of unequal norm
+    x = torch.randn(5, 16, dtype=torch.float64)
+    reference = normalize(layer.weight) / 4 * (1 if layer.gain is None else layer.gain)
+    torch.testing.assert_close(layer.effective_weight(), reference)
+    params = [layer.weight] + ([layer.gain] if layer.gain is not None else [])
+    fused = torch.autograd.grad(layer(x).sin().sum(), params)
+    expected = torch.autograd.grad((x @ reference.T).sin().sum(), params)
+    for a, b in zip(fused, expected):
+        torch.testing.assert_close(a, b)
