@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.runtime import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
 MODES = ("grid", "tpe")
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="trials of a tpe search")
     p.add_argument("--cells", default=None, help="comma-separated cell ids to run (default: all)")
     args = p.parse_args(argv)
+    keep_freed_memory()
     try:
         out = Path(args.out or f"results/ablations/{args.profile}")
         cells = args.cells.split(",") if args.cells else None

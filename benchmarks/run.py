@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 from lit_mpdit.cost import forward_gflops, n_params
 from lit_mpdit.module import DiffusionModule
+from lit_mpdit.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (size, input_size, channels, classes, batches)
@@ -54,6 +55,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
+
+
+def allocation_ms(numel: int = 11_000_000, repeats: int = 10) -> float:
+    """Milliseconds to create a fresh weight-sized tensor (S/4's modulation head: 42 MB), the best of `repeats`."""
+    w, s = torch.randn(numel // 384, 384), torch.randn(numel // 384, 1)
+    return 1e3 * min(timed(lambda: w * s) for _ in range(repeats))
 
 
 def timed(fn) -> float:
@@ -220,7 +227,9 @@ def markdown(report: dict) -> str:
         f"# Benchmark {report['date_utc']}",
         "",
         f"`{report['command']}` on {report['machine']['threads']} threads ({report['machine']['arch']}, torch {report['machine']['torch']}); "
-        f"matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; load average {report['load_average']}.",
+        f"matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; load average {report['load_average']}. "
+        f"A fresh 42 MB tensor: {report['fresh_42mb_tensor']['system_malloc_ms']:.1f} ms with glibc's defaults, "
+        f"{report['fresh_42mb_tensor']['kept_memory_ms']:.1f} ms once freed memory is kept (`lit_mpdit.runtime`; all rows below).",
         "",
         "## Targets",
         "",
@@ -262,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable folder fails now, not after the run
 
     load = os.getloadavg()[0]
+    allocation = {"system_malloc_ms": allocation_ms()}
+    allocation["kept_memory"] = keep_freed_memory()  # as the CLI and the sweep do
+    allocation["kept_memory_ms"] = allocation_ms()
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows = bench_models(args.settings, args.strategies, args.precisions, args.rounds, peaks)
     report = {
@@ -270,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"threads": torch.get_num_threads(), "arch": platform.machine(), "torch": torch.__version__},
         "load_average": round(load, 2),
         "matmul_peak_gflops_per_s": peaks,
+        "fresh_42mb_tensor": allocation,
         "targets": ratios(rows, peaks),
         "rows": rows,
     }

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from lit_mpdit.errors import ConfigError
+from lit_mpdit.runtime import keep_freed_memory
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -87,6 +88,7 @@ def commands() -> dict[str, Callable[[list[str]], None]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     own = commands()
     try:
         if argv and argv[0] in own:

@@ -23,3 +23,4 @@ def test_bench_measures_every_configuration_and_target(tmp_path):
     bounds = [t["flop_bound"] for t in report["targets"] if "flop_bound" in t]
     assert bounds and all(0.9 < b < 1 for b in bounds)  # rotation+scale does fewer FLOPs, by its smaller heads only
     assert "| rung E / rung A step time |" in (tmp_path / "latest.md").read_text()
+    assert report["fresh_42mb_tensor"]["kept_memory"] == sys.platform.startswith("linux")
