@@ -9,6 +9,7 @@ counts. Ratios come from one run, against the matmul peak measured in the same r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -150,7 +151,8 @@ def bench_models(settings: list[str], strategies: list[str], precisions: list[st
                         "sample_step_images_per_s": config.sample_step_images_per_s(max(1, rounds // 2)),
                     })  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
-                del group
+                del group, config
+                gc.collect()  # modules hold reference cycles: free this group before building the next
     return rows
 
 

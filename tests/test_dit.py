@@ -131,3 +131,14 @@ def test_bf16_autocast_forward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(2, 2, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out.float()).all()
+
+
+def test_attention_in_bf16_runs_in_float32_on_cpu_and_returns_bf16():
+    from lit_mpdit.dit import attention
+
+    q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    exact = torch.nn.functional.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    torch.testing.assert_close(out, exact.bfloat16())  # the float32 result rounded once, not bf16 arithmetic
