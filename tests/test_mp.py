@@ -93,18 +93,21 @@ def test_mp_embedding_rows_have_unit_rms():
     torch.testing.assert_close(out.square().mean(dim=1), torch.ones(11), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [(5,), (40,), (2, 20)])  # below fan-in the outputs are scaled, else the weights
 @pytest.mark.parametrize("gain", ["one", "zero", "learned"])
-def test_fused_weight_normalization_matches_autograd_through_normalize(gain):
+def test_fused_weight_normalization_matches_autograd_through_normalize(gain, rows):
     torch.manual_seed(0)
     layer = MPLinear(16, 8, gain=gain, forced=False).double()
     if layer.gain is not None:
         layer.gain.data.fill_(0.7)  # a zero gain would hide the weight's gradient
     layer.weight.data.mul_(torch.rand(8, 1, dtype=torch.float64) * 3)  # rows of unequal norm
-    x = torch.randn(5, 16, dtype=torch.float64)
-    reference = normalize(layer.weight) / 4 * (1 if layer.gain is None else layer.gain)
+    x = torch.randn(*rows, 16, dtype=torch.float64)
+    w = layer.weight  # Eq. 66 written out in float64 (normalize() takes its RMS in float32)
+    reference = w / (w.square().mean(dim=1, keepdim=True).sqrt() + 1e-4) / 4 * (1 if layer.gain is None else layer.gain)
     torch.testing.assert_close(layer.effective_weight(), reference)
     params = [layer.weight] + ([layer.gain] if layer.gain is not None else [])
     fused = torch.autograd.grad(layer(x).sin().sum(), params)
     expected = torch.autograd.grad((x @ reference.T).sin().sum(), params)
+    assert torch.allclose(layer(x), x @ reference.T)
     for a, b in zip(fused, expected):
         torch.testing.assert_close(a, b)

@@ -76,6 +76,17 @@ def timestep_sinusoids(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 # Modules.
 
 
+def row_rms(w: torch.Tensor) -> torch.Tensor:
+    """RMS of every row of a 2-D weight, (out, 1), in one pass."""
+    return torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(w.shape[1])
+
+
+def row_scale(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms(w) per row and 1/((rms + ε)√fan_in): the factor that makes a row a unit-variance-preserving weight (Eq. 66)."""
+    rms = row_rms(w)
+    return rms, 1 / ((rms + eps) * math.sqrt(w.shape[1]))
+
+
 class _ScaledRowNormalize(torch.autograd.Function):
     """gain · normalize(w) / √fan_in for a 2-D weight (Eq. 66), with a hand-written backward.
 
@@ -87,9 +98,7 @@ class _ScaledRowNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
-        n = w.shape[1]
-        rms = torch.linalg.vector_norm(w, dim=1, keepdim=True) / math.sqrt(n)  # (out, 1)
-        base = 1 / ((rms + eps) * math.sqrt(n))  # (out, 1)
+        rms, base = row_scale(w, eps)
         scale = base if gain is None else base * gain
         ctx.save_for_backward(w, rms, base, scale)
         ctx.eps = eps
@@ -132,10 +141,6 @@ class MPLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """gain · normalize(w) / √fan_in: the weight a unit-variance input sees."""
-        if self.training and self.forced:
-            with torch.no_grad():
-                rms = torch.linalg.vector_norm(self.weight, dim=1, keepdim=True) / math.sqrt(self.in_features)
-                self.weight.div_(rms + self.eps)  # Eq. 67, in place
         if self.training or torch.is_grad_enabled():
             return _ScaledRowNormalize.apply(self.weight, self.gain, self.eps)
         # Sampling runs the same weights hundreds of times: normalize once per parameter version.
@@ -147,6 +152,15 @@ class MPLinear(nn.Module):
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.forced:
+            with torch.no_grad():
+                self.weight.div_(row_rms(self.weight) + self.eps)  # Eq. 67, in place
+        if (self.training or torch.is_grad_enabled()) and x.numel() < self.in_features**2:
+            # Fewer input rows than fan-in (a modulation head sees one row per image): scaling the outputs
+            # costs less than scaling every weight, and the weight's gradient is the plain matmul's.
+            y = F.linear(x, self.weight)  # (..., out)
+            scale = row_scale(self.weight, self.eps)[1][:, 0]
+            return y * (scale if self.gain is None else scale * self.gain).to(y.dtype)
         return F.linear(x, self.effective_weight())
 
     def extra_repr(self) -> str:
