@@ -189,7 +189,7 @@ def bench_cell(profile: str, cell: str) -> dict:
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         result = json.loads(next(Path(out).glob("**/result.json")).read_text())
-    return {"command": " ".join(command[1:]), "process_wall_s": wall, "train_and_eval_s": result["wall_s"], "fid": result["fid"], "steps": result["steps"]}
+    return {"command": " ".join([*command[1:-1], "<temporary folder>"]), "process_wall_s": wall, "train_and_eval_s": result["wall_s"], "fid": result["fid"], "steps": result["steps"]}
 
 
 # ----------------------------------------------------------------------------
