@@ -69,6 +69,7 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddpm",  # ddpm or ddim
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
+        compile: bool = False,  # torch.compile the network's forward (GPUs; on CPUs it compiles for minutes)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +88,8 @@ class DiffusionModule(L.LightningModule):
             mp=resolve_mp(mp, **overrides),
         )
         self.diffusion = GaussianDiffusion(num_timesteps, learn_sigma=learn_sigma)
+        if compile:
+            self.net.compile()  # in place: parameter names, checkpoints and EMA copies stay those of the eager net
 
     @property
     def null_class(self) -> int:

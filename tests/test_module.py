@@ -106,3 +106,21 @@ def test_periodic_fid_is_logged_during_fit(tmp_path):
     logged = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["val/fid"])
     assert list(logged.step) == [2, 4]
     assert (logged["val/fid"] > 0).all() and logged["val/fid"].map(math.isfinite).all()
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_like_the_eager_one_and_keeps_its_parameter_names():
+    import copy
+
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    modules = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        modules[compiled] = DiffusionModule(size="T/4", conditioning="rotation+scale", mp="E", input_size=8, compile=compiled)
+    assert modules[True].state_dict().keys() == modules[False].state_dict().keys()
+    losses = {c: m.losses(x, y, generator=torch.Generator().manual_seed(1))["loss"] for c, m in modules.items()}
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    losses[True].backward()
+    assert all(p.grad is not None for p in modules[True].net.parameters() if p.requires_grad)
+    twin = copy.deepcopy(modules[True])  # what EMA callbacks do
+    torch.testing.assert_close(twin.losses(x, y, generator=torch.Generator().manual_seed(1))["loss"], losses[True])
