@@ -12,10 +12,13 @@ last checkpoint. Tables and plots are written by `ablations.report` at the end.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +56,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def load_profile(name: str) -> dict[str, Any]:
     profiles = {k: v for k, v in load_yaml(HERE / "profiles.yaml").items() if k != "tpe"}
     check_choice("--profile", name, profiles)
-    return profiles[name]
+    profile = profiles[name]
+    steps, every = profile["fit"]["trainer"]["max_steps"], profile.get("checkpoint_every", 100)
+    if steps % every:  # cells are evaluated from their final checkpoint
+        raise ConfigError(f"profile {name}: checkpoint_every ({every}) must divide trainer.max_steps ({steps})")
+    return profile
 
 
 def grid_cells(grid: dict[str, Any], seeds: list[int]) -> list[Cell]:
@@ -137,12 +144,12 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
 
 
 def readable_checkpoint(path: Path) -> bool:
-    import torch
+    from lit_mpdit.module import read_checkpoint
 
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
+        read_checkpoint(str(path), "checkpoint", mmap=True)
         return True
-    except Exception:
+    except ConfigError:
         return False
 
 
@@ -152,6 +159,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     from lit_mpdit.cost import forward_gflops, n_params
     from lit_mpdit.data import datamodule_name
     from lit_mpdit.evaluate import Protocol, evaluate
+    from lit_mpdit.module import load_module
 
     result_path = cell_dir / "result.json"
     if result_path.exists():  # finished before an interruption: read back, never retrain
@@ -165,8 +173,10 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     resume = f", resuming from {last}" if last.exists() else ""
     print(f"[sweep] {cell.id}: training {cli.trainer.max_steps} steps{resume}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
-    module = cli.model
     protocol = Protocol(**profile["eval"], seed=cell.seed)
+    # The weights the protocol names, read from the final checkpoint: a rerun after a kill during evaluation
+    # restores a finished fit, which skips the hook that swaps the EMA in, so the live module cannot be trusted.
+    module = load_module(str(last), protocol.weights)
     data = cli.datamodule
     reference = f"{datamodule_name(data)}:{protocol.reference_split}"
     evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol)
@@ -196,6 +206,17 @@ FAILED_FOR_GOOD = "non_finite_loss"  # a deterministic failure: reported in the 
 MAX_ATTEMPTS = 3  # a cell whose trials crashed this often is reported as failed, not retried forever
 
 
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an inter-process lock on `path` (POSIX flock; released if the process dies)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def storage_for(url: str):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -209,6 +230,18 @@ def storage_for(url: str):
         grace_period=30,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
     )
+
+
+def cell_grid(cells: list[str]):
+    """Optuna's grid sampler over the cells, without its end-of-grid check: `run_grid` decides when the grid
+    is done, and Optuna's check fails (KeyError 'grid_id') after a trial of a cell queued again."""
+    import optuna
+
+    class CellGrid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return CellGrid({"cell": cells}, seed=0)
 
 
 def claimed_elsewhere(trial, cell_id: str) -> bool:
@@ -335,16 +368,10 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     ids = [c.id for c in cells]
     tpe_space = load_yaml(HERE / "profiles.yaml")["tpe"]["lr"] if mode == "tpe" else None
-    sampler = optuna.samplers.GridSampler({"cell": ids}, seed=0) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
+    sampler = cell_grid(ids) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
     study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
-    study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
-    study.set_user_attr("cells", ids)
-    mlflow.set_tracking_uri(tracking_uri)
+    study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids)
     objective = make_objective(profile, out, tracking_uri, tpe_space)
-
-    if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns
-        mlflow.create_experiment(study_name, artifact_location=(out / "mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(study_name)
     started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
@@ -361,6 +388,22 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
             if path.suffix in (".csv", ".md", ".tex", ".png", ".json"):
                 mlflow.log_artifact(str(path), "report")
     return report_dir
+
+
+def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str]):
+    """Create or load the Optuna study and the MLflow experiment, one worker at a time: workers started
+    together would otherwise create the same SQLite schemas at once, and one of them would crash."""
+    import mlflow
+    import optuna
+
+    with exclusive(out / ".init.lock"):
+        study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
+        study.set_user_attr("cells", cells)
+        mlflow.set_tracking_uri(tracking_uri)
+        if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns
+            mlflow.create_experiment(study_name, artifact_location=(out / "mlartifacts").resolve().as_uri())
+        mlflow.set_experiment(study_name)
+    return study
 
 
 def run_info(profile: str, mode: str, started: float) -> dict[str, Any]:

@@ -252,6 +252,7 @@ def markdown(report: dict) -> str:
         if "flop_bound" in t else f"| {t['target']} | {t['where']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} | |"
         for t in sorted(report["targets"], key=lambda t: t["target"])
     ]
+    lines += ["", "## Summary", "", *summary(report["rows"])]
     lines += ["", "## Training and sampling", "", "| setting | strategy | rung | batch | precision | params | train img/s | GFLOP/s | % of peak | train MB | sample-step img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [
         f"| {r['setting']} | {r['conditioning']} | {r['mp']} | {r['batch']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_images_per_s']:.1f} | "
@@ -265,6 +266,29 @@ def markdown(report: dict) -> str:
     if cell := report.get("cell"):
         lines += ["", "## One ablation cell", "", f"`{cell['command']}`: {cell['process_wall_s']:.0f} s in all, {cell['train_and_eval_s']:.0f} s training and evaluation ({cell['steps']} steps), FID {cell['fid']:.1f}."]
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per (setting, batch, precision): adaln's speed, and the ratios the targets are about."""
+    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows}
+    out = [
+        "| setting | batch | precision | adaln A img/s | % of peak | rotation+scale / adaln, A · E (FLOP bound) | E / A, adaln · rotation+scale | bf16 speed-up, adaln A |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, batch, precision in dict.fromkeys((r["setting"], r["batch"], r["precision"]) for r in rows):
+        get = lambda mp, c: index.get((setting, batch, precision, mp, c))  # noqa: E731
+        a, e, ra, re_ = get("A", "adaln"), get("E", "adaln"), get("A", "rotation+scale"), get("E", "rotation+scale")
+        if not (a and e and ra and re_):
+            continue
+        t = lambda x, y: x["train_step_s"] / y["train_step_s"]  # noqa: E731
+        fp32 = index.get((setting, batch, "fp32", "A", "adaln"))
+        speedup = f"{t(fp32, a):.2f}" if precision != "fp32" and fp32 else ""
+        out.append(
+            f"| {setting} | {batch} | {precision} | {a['train_images_per_s']:.0f} | {100 * a['fraction_of_peak']:.0f} | "
+            f"{t(ra, a):.3f} · {t(re_, e):.3f} ({ra['train_gflops_per_step'] / a['train_gflops_per_step']:.3f}) | "
+            f"{t(e, a):.2f} · {t(re_, ra):.2f} | {speedup} |"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

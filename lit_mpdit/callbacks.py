@@ -44,11 +44,12 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.per_class, self.max_classes, self.seed = every_n_steps, per_class, max_classes, seed
 
     def draw(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+        folder = run_dir(trainer) / "samples"  # on every rank: under DDP `trainer.log_dir` is a broadcast
         if not trainer.is_global_zero:
             return
         labels = class_grid_labels(module.hparams.num_classes, self.per_class, self.max_classes)
         images = to_uint8(module.sample(labels, seed=self.seed))
-        path = save_grid(images, run_dir(trainer) / "samples" / f"{name}.png", nrow=self.per_class)
+        path = save_grid(images, folder / f"{name}.png", nrow=self.per_class)
         log_artifact(trainer, path, "samples")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from lit_mpdit.errors import ConfigError
+from lit_mpdit.errors import config_error
 from lit_mpdit.runtime import keep_freed_memory
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -19,13 +20,28 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    from lit_mpdit.module import DiffusionModule
+    from lit_mpdit.errors import check_writable
+    from lit_mpdit.module import DiffusionModule, read_checkpoint
 
     class CLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
             # The network's shape follows the data: no hard-coded class or channel counts.
             for source, target in (("image_size", "input_size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
                 parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+
+        def parse_arguments(self, parser, args):
+            super().parse_arguments(parser, args)
+            # Lightning reads --ckpt_path right after parsing (for its hyperparameters): refuse a bad file first.
+            command = self.config.get("subcommand")
+            ckpt = self.config[command].get("ckpt_path") if command else None
+            if ckpt not in (None, "last", "best", "hpc", "registry"):
+                read_checkpoint(ckpt, "--ckpt_path", mmap=True)
+
+        def before_instantiate_classes(self):
+            """Refuse an unwritable output folder before any class is built (MLflow's logger creates its database)."""
+            command = self.config.get("subcommand")
+            for option, folder in output_folders((self.config[command] if command else self.config).trainer):
+                check_writable(folder, option)
 
     return CLI(
         DiffusionModule,
@@ -37,6 +53,22 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def output_folders(trainer) -> Iterator[tuple[str, Path]]:
+    """(option, folder) for each folder the trainer's configuration (a parsed namespace) writes to."""
+    yield "--trainer.default_root_dir", Path(trainer.get("default_root_dir") or ".")
+    for kind, key in (("logger", "save_dir"), ("callbacks", "dirpath")):
+        entries = trainer.get(kind)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            init_args = entry.get("init_args") if hasattr(entry, "get") else None
+            if not init_args:
+                continue
+            name = f"--trainer.{kind} {entry.class_path.rsplit('.', 1)[-1]}"
+            if init_args.get(key):
+                yield f"{name}.{key}", Path(init_args[key])
+            if str(init_args.get("tracking_uri") or "").startswith("sqlite:///"):
+                yield f"{name}.tracking_uri", Path(init_args["tracking_uri"].removeprefix("sqlite:///")).parent
 
 
 def sample_main(argv: list[str]) -> None:
@@ -95,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
             own[argv[0]](argv[1:])
         else:
             lightning_cli(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        error = config_error(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lit_mpdit.errors import ConfigError, check_choice
 
@@ -48,7 +48,7 @@ def cache_dir() -> Path:
 def download(url: str, dest: Path) -> Path:
     """Fetch `url` into `dest` through a `.part` file, so an interrupted download never leaves a partial `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # one per process: sweep workers may fetch it at once
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
             shutil.copyfileobj(response, f)
@@ -210,28 +210,35 @@ def held_out_split(n: int, val_size: int, seed: int, limit_train: int | None) ->
     return order[val_size:].sort().values[:limit_train], order[:val_size].sort().values
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A random order per epoch that depends only on (seed, epoch), so a resumed run sees the same data.
 
-    Lightning calls `set_epoch` before every epoch (as it does for distributed samplers)."""
+    With `world` > 1 processes of `batch_size` each, global batch b is the slice [b·B·W, (b+1)·B·W) of the
+    same order and rank r takes its r-th part: W processes see exactly the batches of one process with batch
+    B·W (the last incomplete global batch is dropped). Being a DistributedSampler, Lightning keeps it as it is
+    under DDP; it calls `set_epoch` before every epoch."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self._skip = n, seed, 0, 0
+    def __init__(self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.n, self.batch_size, self._skip = n, batch_size, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip_once(self, count: int) -> None:
-        """Start the next epoch's order after its first `count` examples."""
-        self._skip = count
+    def skip_once(self, batches: int) -> None:
+        """Start the next epoch's order after the first `batches` batches of every process."""
+        self._skip = batches * self.batch_size * self.num_replicas
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         skip, self._skip = self._skip, 0
+        if self.num_replicas > 1:
+            step = self.batch_size * self.num_replicas
+            order = order[: self.n // step * step].view(-1, self.num_replicas, self.batch_size)[:, self.rank].flatten()
+            skip //= self.num_replicas
         return iter(order[skip:].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        if self.num_replicas == 1:
+            return self.n
+        return self.n // (self.batch_size * self.num_replicas) * self.batch_size
 
 
 class HeldOutDataModule(L.LightningDataModule, ABC):
@@ -302,12 +309,13 @@ class HeldOutDataModule(L.LightningDataModule, ABC):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffle(len(self.dataset("train")), self.seed)
         trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(len(self.dataset("train")), self.seed, self.batch_size, rank, world)
         if trainer is not None and trainer.fit_loop.restarting:
             # Resumed mid-epoch: the epoch's order is a function of (seed, epoch), so skipping the
             # batches it already consumed continues the data stream exactly.
-            sampler.skip_once(trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.batch_size)
+            sampler.skip_once(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
         return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -359,14 +367,41 @@ def read_idx(path: Path) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip stream
         raise ConfigError(f"{path}: unreadable ({e}); delete it and get the dataset again") from e
+    header, shape = idx_layout(raw, path)
+    expected = header + math.prod(shape)
+    if len(raw) != expected:
+        raise ConfigError(f"{path}: {len(raw)} bytes where its header promises {expected}: truncated or corrupt; get it again")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def idx_layout(raw: bytes, path: Path) -> tuple[int, tuple[int, ...]]:
+    """(header length, shape) from the first bytes of an IDX file of unsigned bytes."""
     if len(raw) < 4 or raw[:3] != bytes([0, 0, IDX_UNSIGNED_BYTE]):
         raise ConfigError(f"{path}: not an IDX file of unsigned bytes (magic number {raw[:4].hex() or 'missing'})")
     header = 4 + 4 * raw[3]  # magic, then one big-endian uint32 per dimension
-    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")) if len(raw) >= header else ()
+    if len(raw) < header:
+        raise ConfigError(f"{path}: {len(raw)} bytes, shorter than its header: truncated or corrupt; get it again")
+    return header, tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+
+
+def check_idx_size(path: Path) -> None:
+    """Refuse a truncated IDX file without reading it: the length its header promises against the file's size,
+    or for a .gz against the uncompressed size the gzip trailer records (RFC 1952 ISIZE, modulo 2^32)."""
+    gzipped = path.suffix == ".gz"
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            header, shape = idx_layout(f.read(4 + 4 * 255), path)  # the longest header: 255 dimensions
+        with open(path, "rb") as f:
+            if gzipped:
+                f.seek(-4, os.SEEK_END)
+                size = int.from_bytes(f.read(4), "little")
+            else:
+                size = f.seek(0, os.SEEK_END)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); delete it and get the dataset again") from e
     expected = header + math.prod(shape)
-    if len(shape) != raw[3] or len(raw) != expected:
-        raise ConfigError(f"{path}: {len(raw)} bytes where its header promises {expected}: truncated or corrupt; get it again")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    if size != (expected % 2**32 if gzipped else expected):
+        raise ConfigError(f"{path}: truncated or corrupt (its header promises {expected} bytes); delete it and get it again")
 
 
 @lru_cache(maxsize=2)
@@ -405,8 +440,11 @@ class FashionMNISTDataModule(ImageDataModule):
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.root = root
         self.download = download
-        if self._directory() is None and not download:
+        directory = self._directory()
+        if directory is None and not download:
             raise self._missing()
+        for name in FASHION_MNIST_NAMES if directory is not None else ():  # a truncated file is refused before work
+            check_idx_size(directory / name)
 
     def _candidates(self) -> list[Path]:
         if self.root is not None:

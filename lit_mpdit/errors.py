@@ -1,11 +1,20 @@
 """One error type for bad input, raised before any work starts and printed without a traceback."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class ConfigError(ValueError):
     """A bad option: the message names the option and, where it applies, the allowed values."""
+
+
+def config_error(error: BaseException) -> ConfigError | None:
+    """The `ConfigError` that caused `error`, if one did: jsonargparse wraps the errors of the classes it builds."""
+    while error is not None and not isinstance(error, ConfigError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def check_choice(option: str, value: object, allowed: Iterable[object]) -> None:
@@ -14,3 +23,13 @@ def check_choice(option: str, value: object, allowed: Iterable[object]) -> None:
     if value not in allowed:
         names = ", ".join(repr(a) for a in allowed)
         raise ConfigError(f"{option}: unknown value {value!r}; allowed: {names}")
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Raise `ConfigError` unless `folder` exists as a writable folder or can be created."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option}: cannot write to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: cannot write to {folder}: {existing} is not writable")

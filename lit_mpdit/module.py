@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 
 from lit_mpdit.config import resolve_mp
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
@@ -127,22 +128,43 @@ class DiffusionModule(L.LightningModule):
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        n = x.shape[0]
-        k = torch.randint(0, self.diffusion.num_steps, (n,), device=x.device, generator=generator)
-        noise = torch.randn(x.shape, device=x.device, generator=generator)
+    def on_train_start(self) -> None:
+        # Lightning's DDP re-seeds every process after the model is built and a single process does not:
+        # a fresh run restarts the stream from the seed either way, so N processes draw what one does.
+        if self.global_step == 0:  # a resumed run continues the stream its checkpoint restored
+            reset_seed()
+
+    def shard(self) -> tuple[int, int]:
+        """(rank, world size) of the data-parallel run this module trains in; (0, 1) alone."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def losses(
+        self,
+        x: torch.Tensor,  # (B, C, H, W), this process's part of the global batch
+        y: torch.Tensor,  # (B,)
+        generator: torch.Generator | None = None,  # None = the global stream
+        shard: tuple[int, int] = (0, 1),  # (rank, world): draw for the whole global batch, keep this rank's part
+    ) -> dict[str, torch.Tensor]:
+        """Mean losses over random timesteps and noise. Every rank draws the random numbers of the global batch
+        and keeps its slice, so W processes of batch B train exactly as one process of batch B·W."""
+        rank, world = shard
+        part = slice(rank * len(x), (rank + 1) * len(x))
+        k = torch.randint(0, self.diffusion.num_steps, (world * len(x),), device=x.device, generator=generator)[part]
+        noise = torch.randn((world * len(x), *x.shape[1:]), device=x.device, generator=generator)[part]
         return {k_: v.mean() for k_, v in self.diffusion.training_losses(self.net, x, k, y, noise).items()}
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.class_dropout
-        losses = self.losses(x, torch.where(drop, self.null_class, y))
+        rank, world = self.shard()
+        drop = torch.rand(world * len(y), device=y.device)[rank * len(y) : (rank + 1) * len(y)] < self.hparams.class_dropout
+        losses = self.losses(x, torch.where(drop, self.null_class, y), shard=(rank, world))
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"non-finite training loss {losses['loss'].item()} at step {self.global_step} "
                 f"(mse {losses['mse'].item()}, vb {losses['vb'].item()}): lower --model.lr or use bf16/fp32 consistently"
             )
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=world > 1)
         self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
 
@@ -193,6 +215,16 @@ class DiffusionModule(L.LightningModule):
 WEIGHTS = ("ema", "current")
 
 
+def read_checkpoint(ckpt: str, option: str, map_location: str = "cpu", mmap: bool = False) -> dict:
+    """torch.load with one clear error for a missing, truncated or corrupt file (`mmap`: check cheaply)."""
+    try:
+        return torch.load(ckpt, map_location=map_location, weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: no checkpoint at {ckpt}") from None
+    except Exception as e:  # truncated, corrupt or foreign files fail in many ways inside torch.load
+        raise ConfigError(f"{option}: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
+
+
 def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> DiffusionModule:
     """A trained module from a checkpoint, with its EMA weights (if it has them) or its current ones.
 
@@ -200,15 +232,13 @@ def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> D
     `current_model_state`; a run without EMA has only the raw ones, which both choices return.
     """
     check_choice("--weights", weights, WEIGHTS)
+    checkpoint = read_checkpoint(ckpt, "--ckpt", map_location)
     try:
-        checkpoint = torch.load(ckpt, map_location=map_location, weights_only=False)
         accepted = inspect.signature(DiffusionModule.__init__).parameters  # LightningCLI adds its own keys
         module = DiffusionModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
-    except FileNotFoundError:
-        raise ConfigError(f"--ckpt: no checkpoint at {ckpt}") from None
     except ConfigError:
         raise
-    except Exception as e:  # truncated, corrupt or foreign files fail in many ways inside torch.load
+    except Exception as e:  # a foreign checkpoint
         raise ConfigError(f"--ckpt: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
     state = checkpoint.get("current_model_state") if weights == "current" else None
     module.load_state_dict(state or checkpoint["state_dict"])

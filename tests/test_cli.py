@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401 - binds its log handler to the session's stderr, not to one in-process test's
 import pytest
 from PIL import Image
 
@@ -75,3 +76,55 @@ def test_sample_refuses_a_corrupt_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     proc = run("sample", "--ckpt", str(bad), "--out", str(tmp_path / "x.png"), cwd=tmp_path)
     assert proc.returncode == 2 and "is not a readable lit_mpdit checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+
+
+def truncated_fashion_mnist(folder: Path) -> list[str]:
+    if not FMNIST_SYSTEM.is_dir():
+        pytest.skip(f"needs {FMNIST_SYSTEM} (apt-get install dataset-fashion-mnist)")
+    folder.mkdir()
+    for path in FMNIST_SYSTEM.glob("*.gz"):
+        (folder / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ["--data.root", str(folder), "--data.download", "false"]
+
+
+# Unwritable folders are made under a regular file: chmod does not stop root, who runs these tests in CI.
+MLFLOW_UNDER_A_FILE = {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": "sqlite:///a_file/mlflow.db"}}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing dataset", "Fashion-MNIST not found: looked for train-images-idx3-ubyte.gz"),
+        ("truncated dataset", "-ubyte.gz: truncated or corrupt"),
+        ("unwritable results folder", "--trainer.default_root_dir: cannot write to"),
+        ("unwritable MLflow folder", "--trainer.logger MLFlowLogger.tracking_uri: cannot write to"),
+        ("corrupt checkpoint", "bad.ckpt is not a readable lit_mpdit checkpoint"),
+    ],
+)
+def test_bad_inputs_exit_with_one_clear_error_and_leave_results_untouched(tmp_path, monkeypatch, capsys, case, expected):
+    import lit_mpdit.cli
+
+    monkeypatch.chdir(tmp_path)  # the config writes to ./results
+    monkeypatch.setattr(sys, "argv", ["lit_mpdit"])  # LightningCLI warns about arguments beside pytest's own
+    monkeypatch.setattr(lit_mpdit.cli, "keep_freed_memory", lambda: None)  # a setting for training processes
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "earlier.json").write_text('{"fid": 1.0}')
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    args = {
+        "missing dataset": lambda: ["--data.root", str(tmp_path / "empty"), "--data.download", "false"],
+        "truncated dataset": lambda: truncated_fashion_mnist(tmp_path / "truncated"),
+        "unwritable results folder": lambda: [*SAMPLE_DATA, "--trainer.default_root_dir", str(tmp_path / "a_file" / "runs")],
+        "unwritable MLflow folder": lambda: [*SAMPLE_DATA, "--config", json.dumps({"trainer": {"logger": [MLFLOW_UNDER_A_FILE]}})],
+        "corrupt checkpoint": lambda: [*SAMPLE_DATA, "--ckpt_path", str(tmp_path / "bad.ckpt")],
+    }[case]()
+    with pytest.raises(SystemExit) as exit:
+        lit_mpdit.cli.main(["fit", "--config", CONFIG, *args, "--trainer.max_steps", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and expected in err.splitlines()[0], err[-3000:]
+    assert [p.name for p in results.iterdir()] == ["earlier.json"] and (results / "earlier.json").read_text() == '{"fid": 1.0}'

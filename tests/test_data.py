@@ -250,10 +250,20 @@ def corrupt_length(path: Path) -> None:
 
 @pytest.mark.parametrize("corrupt", [corrupt_truncate, corrupt_magic, corrupt_length])
 @pytest.mark.parametrize("name", ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
-def test_fashion_mnist_corrupt_file_is_named(idx_folder, corrupt, name):
+def test_fashion_mnist_corrupt_file_is_named_before_it_is_read(idx_folder, corrupt, name):
     corrupt(idx_folder / name)
     with pytest.raises(ConfigError, match=name):
-        FashionMNISTDataModule(root=str(idx_folder), download=False, val_size=10).setup()
+        FashionMNISTDataModule(root=str(idx_folder), download=False, val_size=10)
+
+
+def test_fashion_mnist_corrupt_bytes_are_named_when_read(idx_folder):
+    path = idx_folder / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # the sizes still agree: found by the gzip checksum on reading
+    path.write_bytes(bytes(raw))
+    dm = FashionMNISTDataModule(root=str(idx_folder), download=False, val_size=10)
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte.gz: unreadable"):
+        dm.setup()
 
 
 @pytest.mark.skipif(not data.FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
@@ -452,3 +462,20 @@ def test_every_datamodule_builds_through_jsonargparse(name, registry_args):
 def test_build_datamodule_rejects_unknown_names():
     with pytest.raises(ConfigError, match="allowed: 'fashion_mnist'"):
         data.build_datamodule("mnist")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_share_every_global_batch_of_one_process(world):
+    from lit_mpdit.data import EpochShuffle
+
+    n, batch = 50, 4
+    alone = list(EpochShuffle(n, seed=3, batch_size=batch * world))
+    ranks = [list(EpochShuffle(n, seed=3, batch_size=batch, rank=r, world=world)) for r in range(world)]
+    steps = n // (batch * world)
+    assert all(len(r) == steps * batch == len(EpochShuffle(n, 3, batch, 0, world)) for r in ranks)
+    for step in range(steps):
+        glued = [i for r in ranks for i in r[step * batch : (step + 1) * batch]]
+        assert glued == alone[step * batch * world : (step + 1) * batch * world]
+    resumed = EpochShuffle(n, seed=3, batch_size=batch, rank=1, world=world)
+    resumed.skip_once(2)  # two batches of every rank already consumed
+    assert list(resumed) == ranks[1][2 * batch :]

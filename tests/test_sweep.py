@@ -91,3 +91,77 @@ def test_notebook_regenerates_the_plots_from_the_tracked_runs(smoke_sweep, tmp_p
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     assert (tmp_path / "fid_per_cell.png").stat().st_size > 0 and (tmp_path / "fid_vs_params.png").stat().st_size > 0
+
+
+def test_a_diverging_cell_is_reported_failed_with_its_reason_and_the_rest_completes(tmp_path, monkeypatch):
+    import ablations.sweep as sweep_module
+
+    smoke = load_profile("smoke")
+    monkeypatch.setattr(sweep_module, "load_profile", lambda name: {**smoke, "lr": {"standard": 1e30}})  # rung A diverges
+    out = tmp_path / "diverging"
+    sweep("smoke", out, None, None, "grid", None, CELLS)
+    table = pd.read_csv(out / "fid_table.csv").set_index("mp")
+    assert table.loc["A", "status"].startswith("failed: ") and "non-finite" in table.loc["A", "status"].lower()
+    assert pd.isna(table.loc["A", "fid"])
+    assert table.loc["E", "status"] == "complete" and table.loc["E", "fid"] > 0
+    failed = json.loads((out / "cells" / "adaln-A-s0" / "result.json").read_text())
+    assert failed["status"] == "failed" and "step" in failed["reason"]
+    sweep("smoke", out, None, None, "grid", None, CELLS)  # a rerun does not retry a deterministic failure
+    assert json.loads((out / "cells" / "adaln-A-s0" / "result.json").read_text()) == failed
+
+
+def _open_stores(out: str, start, results) -> None:
+    from ablations.sweep import open_stores
+
+    start.wait()  # all at once: without the lock, two of three crash creating the SQLite schemas
+    try:
+        open_stores(Path(out), "race", f"sqlite:///{out}/optuna.db", f"sqlite:///{out}/mlflow.db", None, ["a"])
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        results.put(f"{type(e).__name__}: {e}"[:300])
+
+
+def test_workers_started_together_create_the_stores_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")  # a clean process per worker, the imports paid once
+    context.set_forkserver_preload(["ablations.sweep", "mlflow", "optuna"])
+    start, results = context.Barrier(3), context.Queue()
+    workers = [context.Process(target=_open_stores, args=(str(tmp_path), start, results)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join()
+    assert outcomes == ["ok"] * 3
+
+
+def test_a_cell_queued_again_after_a_crash_runs_on_the_grid():
+    import optuna
+
+    from ablations.sweep import cell_grid, run_grid
+
+    study = optuna.create_study(sampler=cell_grid(CELLS + ["rotation-A-s0"]))
+    trained = []
+
+    def objective(trial):  # the second trial's worker dies; its cell is queued again
+        trained.append(trial.suggest_categorical("cell", CELLS + ["rotation-A-s0"]))
+        if len(trained) == 2:
+            raise RuntimeError("worker killed")
+        return 0.0
+
+    run_grid(study, objective, CELLS + ["rotation-A-s0"])
+    assert sorted(trained) == sorted(CELLS + ["rotation-A-s0"] + [trained[1]])
+
+
+def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smoke_sweep, tmp_path):
+    import shutil
+
+    from ablations.sweep import run_cell
+
+    finished = smoke_sweep / "cells" / "adaln-A-s0"
+    killed = tmp_path / "adaln-A-s0"
+    shutil.copytree(finished, killed, ignore=shutil.ignore_patterns("result.json"))  # training done, no result
+    again = run_cell(load_profile("smoke"), Cell.from_id("adaln-A-s0"), killed)
+    first = json.loads((finished / "result.json").read_text())
+    assert again["steps"] == first["steps"] and again["fid"] == first["fid"]

@@ -291,7 +291,7 @@ def _reference(
         "n": np.asarray(n),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # one per process: sweep workers may write it at once
     with open(partial, "wb") as f:  # written aside, then renamed: an interrupted run leaves no broken cache file
         np.savez(f, **record)
     os.replace(partial, path)
