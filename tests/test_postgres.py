@@ -34,7 +34,7 @@ def postgres():
     binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not binaries:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (pip install -e '.[dev]')")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
     bin_dir = Path(binaries[-1]).parent
     folder = Path(tempfile.mkdtemp(prefix="lit_mpdit_pg_", dir="/tmp"))  # short: unix socket paths are limited
     as_owner: list[str] = []
