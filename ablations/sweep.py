@@ -284,6 +284,7 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
         except NonFiniteLossError as e:
             record = {"cell": cell.id, **asdict(cell), "status": "failed", "reason": str(e)}
             write_json(cell_dir / "result.json", record)
+            print(f"[sweep] {cell.id}: failed, not retried: {e}", flush=True)
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise

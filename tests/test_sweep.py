@@ -93,15 +93,19 @@ def test_notebook_regenerates_the_plots_from_the_tracked_runs(smoke_sweep, tmp_p
     assert (tmp_path / "fid_per_cell.png").stat().st_size > 0 and (tmp_path / "fid_vs_params.png").stat().st_size > 0
 
 
-def test_a_diverging_cell_is_reported_failed_with_its_reason_and_the_rest_completes(tmp_path, monkeypatch):
+def test_a_diverging_cell_is_reported_failed_with_its_reason_and_the_rest_completes(smoke_sweep, tmp_path, monkeypatch, capsys):
+    import shutil
+
     import ablations.sweep as sweep_module
 
     smoke = load_profile("smoke")
     monkeypatch.setattr(sweep_module, "load_profile", lambda name: {**smoke, "lr": {"standard": 1e30}})  # rung A diverges
     out = tmp_path / "diverging"
+    shutil.copytree(smoke_sweep / "cells" / "rotation+scale-E-s0", out / "cells" / "rotation+scale-E-s0")  # done: read back
     sweep("smoke", out, None, None, "grid", None, CELLS)
+    assert "[sweep] adaln-A-s0: failed, not retried: non-finite training loss" in capsys.readouterr().out
     table = pd.read_csv(out / "fid_table.csv").set_index("mp")
-    assert table.loc["A", "status"].startswith("failed: ") and "non-finite" in table.loc["A", "status"].lower()
+    assert table.loc["A", "status"].startswith("failed: non-finite training loss") and "failed: non-finite" in (out / "fid_table.md").read_text()
     assert pd.isna(table.loc["A", "fid"])
     assert table.loc["E", "status"] == "complete" and table.loc["E", "fid"] > 0
     failed = json.loads((out / "cells" / "adaln-A-s0" / "result.json").read_text())
