@@ -9,6 +9,7 @@ Inception precision and preprocessing, and the training step of the weights.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -82,6 +83,9 @@ def evaluate(
             "n_fake": len(fake),
             "n_ref": len(reference),
             "reference": reference_name,
+            # Which reference features, exactly: FIDs compare only when this agrees (a cache written by other code
+            # or from other images under the same name shifts every FID alike).
+            "reference_sha256": hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()[:16],
             "training_step": int(module.global_step) if module._trainer is not None else getattr(module, "trained_steps", 0),
             "interval": f"95% bootstrap over the generated set, {protocol.bootstrap} resamples" if protocol.bootstrap else "none",
             "inception": net.protocol,

@@ -12,6 +12,12 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LIT_MPDIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Session-wide, so module-scoped fixtures (and the sweeps they start in subprocesses) see it too: a
+    function-scoped one is set up after them, and a module fixture's sweep then read the repository's own
+    results/cache/fid, which anything run from the repository root may have written — while the test
+    compared with it, started later, computed its reference features afresh (issue 6's FID drift)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIT_MPDIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield

@@ -53,6 +53,18 @@ def smoke_sweep(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cache_of_module_fixtures():
+    return os.environ.get("LIT_MPDIT_CACHE")
+
+
+def test_module_fixtures_use_the_tests_private_fid_cache(cache_of_module_fixtures, tmp_path_factory):
+    # Issue 6: the chaos test's uninterrupted sweep (a module fixture) read the repository's results/cache/fid
+    # and the killed sweep a fresh private cache: other reference features, every cell's FID off by ~1%.
+    assert cache_of_module_fixtures == os.environ["LIT_MPDIT_CACHE"]
+    assert Path(cache_of_module_fixtures).is_relative_to(tmp_path_factory.getbasetemp())
+
+
 def test_smoke_sweep_writes_every_table_and_plot(smoke_sweep):
     for name in ["fid_table", "params_table"]:
         for suffix in [".csv", ".md", ".tex"]:
