@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -345,6 +346,16 @@ def run_grid(study, objective, cells: list[str]) -> None:
             time.sleep(5)  # every open cell is being trained by another worker
 
 
+def make_out(out: Path) -> None:
+    """Create the sweep folder and prove it writable, or raise `ConfigError` naming `--out`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # a private name: workers started together probe at once
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out: cannot write to {out} ({e.strerror})") from None
+
+
 def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: str | None, mode: str, n_trials: int | None, cells_filter: list[str] | None) -> Path:
     import mlflow
     import optuna
@@ -358,12 +369,7 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
             raise ConfigError(f"--cells: unknown cells {sorted(unknown)}; allowed: {', '.join(c.id for c in cells)}")
         cells = [c for c in cells if c.id in cells_filter]
     validate_grid(cells)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise ConfigError(f"--out: cannot write to {out} ({e.strerror})") from None
+    make_out(out)
 
     storage_url = storage_url or f"sqlite:///{out / 'optuna.db'}"
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"

@@ -152,6 +152,17 @@ def test_workers_started_together_create_the_stores_once(tmp_path):
     assert outcomes == ["ok"] * 3
 
 
+def test_workers_started_together_both_pass_the_writability_probe(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablations.sweep import make_out
+
+    out = tmp_path / "shared"  # a probe file with one fixed name: one worker deleted it under the other (CI, PostgreSQL test)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: make_out(out), range(400)))  # raises if any probe failed
+    assert out.is_dir() and not any(out.iterdir())
+
+
 def test_a_cell_queued_again_after_a_crash_runs_on_the_grid():
     import optuna
 
