@@ -85,6 +85,17 @@ def validate_grid(cells: list[Cell]) -> None:
         resolve_mp(cell.mp)
 
 
+def check_data(profile: dict[str, Any]) -> None:
+    """Build the profile's data module and fetch its files once, before any cell: a missing or truncated
+    dataset is refused here with the data module's message, not inside every cell's trial (retried, failed)."""
+    import importlib
+
+    spec = profile["fit"]["data"]
+    module, _, name = spec["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+    data.prepare_data()
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -369,6 +380,7 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
             raise ConfigError(f"--cells: unknown cells {sorted(unknown)}; allowed: {', '.join(c.id for c in cells)}")
         cells = [c for c in cells if c.id in cells_filter]
     validate_grid(cells)
+    check_data(profile)
     make_out(out)
 
     storage_url = storage_url or f"sqlite:///{out / 'optuna.db'}"

@@ -46,6 +46,13 @@ def test_bad_sweep_options_are_refused_before_work(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_sweep_without_its_dataset_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the paper profile reads data/imagenet128_latents.npz relative to here
+    with pytest.raises(ConfigError, match="data.path: latents file data/imagenet128_latents.npz does not exist"):
+        sweep("paper", tmp_path / "paper", None, None, "grid", None, None)
+    assert not (tmp_path / "paper").exists()
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
