@@ -34,18 +34,19 @@ def plain_fp32(net: InceptionFeatures) -> Callable[[torch.Tensor], torch.Tensor]
     return features
 
 
-def standard_paths(batch_size: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The baseline first, then the suite's fast path (`precision="bf16"`) and the variants it was chosen from."""
-    fp32_net = InceptionFeatures("fp32", channels_last=False, batch_size=batch_size)
-    return {
-        BASELINE: plain_fp32(fp32_net),
-        "fp32, channels-last": InceptionFeatures("fp32", channels_last=True, batch_size=batch_size),
-        FAST: InceptionFeatures("bf16", batch_size=batch_size),
-        "bf16, every layer, channels-last": InceptionFeatures("bf16", batch_size=batch_size, fp32_layers=()),
-        "bf16, fp32 first three convs, channels-last": InceptionFeatures(
+def standard_paths(batch_size: int, names: tuple[str, ...] | None = None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The baseline first, then the suite's fast path (`precision="bf16"`) and the variants it was chosen from;
+    `names` keeps only those (each network is built only when kept)."""
+    builders: dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]] = {
+        BASELINE: lambda: plain_fp32(InceptionFeatures("fp32", channels_last=False, batch_size=batch_size)),
+        "fp32, channels-last": lambda: InceptionFeatures("fp32", channels_last=True, batch_size=batch_size),
+        FAST: lambda: InceptionFeatures("bf16", batch_size=batch_size),
+        "bf16, every layer, channels-last": lambda: InceptionFeatures("bf16", batch_size=batch_size, fp32_layers=()),
+        "bf16, fp32 first three convs, channels-last": lambda: InceptionFeatures(
             "bf16", batch_size=batch_size, fp32_layers=("conv", "conv_1", "conv_2")
         ),
     }
+    return {name: build() for name, build in builders.items() if names is None or name in names}
 
 
 def measure(paths: dict[str, Callable], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], timed: torch.Tensor, rounds: int, batch_size: int) -> dict:

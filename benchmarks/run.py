@@ -168,12 +168,12 @@ def bench_models(settings: list[str], strategies: list[str], precisions: list[st
 def bench_fid(n: int, speed_images: int, rounds: int) -> dict:
     """The plain fp32 TorchScript against the suite's default fast path, on real FMNIST test vs train images."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_fid import BASELINE, FAST, measure, plain_fp32
+    from bench_fid import BASELINE, FAST, measure, standard_paths
 
-    from lit_mpdit.metrics.fid import InceptionFeatures, load_images
+    from lit_mpdit.metrics.fid import load_images
 
     batch = 8
-    paths = {BASELINE: plain_fp32(InceptionFeatures("fp32", channels_last=False, batch_size=batch)), FAST: InceptionFeatures("bf16", batch_size=batch)}
+    paths = standard_paths(batch, names=(BASELINE, FAST))
     real, other = load_images("fashion_mnist:test", n), load_images("fashion_mnist:train", n)
     result = measure(paths, {"fashion_mnist test vs train": (real, other)}, real[:speed_images], rounds, batch)
     return {**result, "n_per_set": n, "baseline": BASELINE, "fast": FAST}
