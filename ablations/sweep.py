@@ -169,7 +169,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     """Train (or resume) one cell and evaluate it; the result is also written to `cell_dir/result.json`."""
     from lit_mpdit.cli import lightning_cli
     from lit_mpdit.cost import forward_gflops, n_params
-    from lit_mpdit.data import datamodule_name
+    from lit_mpdit.data import reference_name
     from lit_mpdit.evaluate import Protocol, evaluate
     from lit_mpdit.module import load_module
 
@@ -190,7 +190,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     # restores a finished fit, which skips the hook that swaps the EMA in, so the live module cannot be trusted.
     module = load_module(str(last), protocol.weights)
     data = cli.datamodule
-    reference = f"{datamodule_name(data)}:{protocol.reference_split}"
+    reference = reference_name(data, protocol.reference_split)
     evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol)
     throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
     record = {

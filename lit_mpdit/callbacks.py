@@ -158,11 +158,11 @@ class PeriodicFID(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
             return
-        from lit_mpdit.data import datamodule_name
+        from lit_mpdit.data import reference_name
         from lit_mpdit.evaluate import evaluate
 
         data, split = trainer.datamodule, self.protocol.reference_split
-        result = evaluate(pl_module, f"{datamodule_name(data)}:{split}", lambda: data.reference_images(split, self.protocol.n_ref), self.protocol)
+        result = evaluate(pl_module, reference_name(data, split), lambda: data.reference_images(split, self.protocol.n_ref), self.protocol)
         metrics = {"val/fid": result["fid"]}
         if self.protocol.bootstrap:
             metrics |= {"val/fid_lo": result["fid_lo"], "val/fid_hi": result["fid_hi"]}

@@ -765,3 +765,10 @@ def build_datamodule(name: str, **kwargs: Any) -> HeldOutDataModule:
 def datamodule_name(datamodule: L.LightningDataModule) -> str:
     """The registry name of a data module (reference statistics are cached under it)."""
     return next((name for name, cls in DATAMODULES.items() if type(datamodule) is cls), type(datamodule).__name__)
+
+
+def reference_name(datamodule: HeldOutDataModule, split: str) -> str:
+    """Names the reference images `datamodule.reference_images(split, n)` gives, for the FID cache: the data
+    module and split, and the seed that draws a subset when it is not the default 0."""
+    seed = f":seed{datamodule.seed}" if datamodule.seed else ""
+    return f"{datamodule_name(datamodule)}:{split}{seed}"

@@ -22,6 +22,7 @@ from lit_mpdit.data import (
     ImageFolderDataModule,
     LatentsDataModule,
     held_out_split,
+    reference_name,
     save_latents,
 )
 from lit_mpdit.errors import ConfigError
@@ -116,6 +117,13 @@ def test_reference_images_are_uint8_deterministic_subsets():
     assert dm.reference_images("train").shape == (2000, 1, 28, 28)  # validation images included
     with pytest.raises(ConfigError, match="'val'"):
         dm.reference_images("val", 8)
+
+
+def test_reference_subsets_drawn_by_another_seed_are_cached_under_another_name():
+    default, other = FashionMNISTSampleDataModule(), FashionMNISTSampleDataModule(seed=1)
+    assert not torch.equal(default.reference_images("test", 64), other.reference_images("test", 64))
+    assert reference_name(default, "test") == "fashion_mnist_sample:test"  # the name earlier caches were written under
+    assert reference_name(other, "test") == "fashion_mnist_sample:test:seed1"
 
 
 def test_sample_missing_names_the_file(tmp_path):
