@@ -122,11 +122,17 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Timesteps, noise and class dropout come from the global generator: a resumed run must
         # continue its stream, not restart it from the seed.
+        # On a GPU they come from the device's generator; every process's advanced alike (each draws the
+        # global batch), so the saving process's state is every process's.
         checkpoint["rng_state"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
+        if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])  # the process's device: chosen before restoring
 
     def on_train_start(self) -> None:
         # Lightning's DDP re-seeds every process after the model is built and a single process does not:
