@@ -215,7 +215,8 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
 # The study.
 
 FAILED_FOR_GOOD = "non_finite_loss"  # a deterministic failure: reported in the tables, not retried
-MAX_ATTEMPTS = 3  # a cell whose trials crashed this often is reported as failed, not retried forever
+MAX_ATTEMPTS = 3  # a cell whose trials raised this often is reported as failed, not retried forever
+RAISED = "error"  # set on a trial that raised; a trial failed without it was a killed worker's
 
 
 @contextmanager
@@ -272,9 +273,15 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            return train_and_track(trial, run)
+        try:
+            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+                trial.set_user_attr("mlflow_run_id", run.info.run_id)
+                return train_and_track(trial, run)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            trial.set_user_attr(RAISED, f"{type(e).__name__}: {e}"[:1000])
+            raise
 
     def train_and_track(trial: optuna.Trial, run) -> float:
         from lit_mpdit.module import NonFiniteLossError
@@ -297,9 +304,6 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
             record = {"cell": cell.id, **asdict(cell), "status": "failed", "reason": str(e)}
             write_json(cell_dir / "result.json", record)
             print(f"[sweep] {cell.id}: failed, not retried: {e}", flush=True)
-        except Exception as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            raise
         if record["status"] == "failed":  # now or in an earlier attempt: the tables show the reason
             trial.set_user_attr(FAILED_FOR_GOOD, record["reason"])
             raise NonFiniteLossError(record["reason"])
@@ -314,14 +318,16 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
 
 
 def cell_states(study) -> dict[str, set[str]]:
-    """Cells by the states of their trials: finished (complete, or failed for good), running, queued."""
+    """Cells by the states of their trials: finished (complete, failed for good, or raised `MAX_ATTEMPTS` times),
+    running, queued. A killed worker's trial (failed by the heartbeat, never raised) does not count against its
+    cell: a sweep killed any number of times finishes every cell when run again."""
     from optuna.trial import TrialState
 
     states: dict[str, set[str]] = {"finished": set(), "running": set(), "queued": set()}
     crashes: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         cell = t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell")
-        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAIL)
+        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAIL and RAISED in t.user_attrs)
         if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs or crashes[cell] >= MAX_ATTEMPTS:
             states["finished"].add(cell)
         elif t.state == TrialState.RUNNING:

@@ -188,6 +188,44 @@ def test_a_cell_queued_again_after_a_crash_runs_on_the_grid():
     assert sorted(trained) == sorted(CELLS + ["rotation-A-s0"] + [trained[1]])
 
 
+def test_killed_workers_never_use_up_a_cells_attempts_but_raising_trials_do():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from ablations.sweep import MAX_ATTEMPTS, RAISED, cell_states
+
+    study = optuna.create_study()
+    space = {"cell": CategoricalDistribution(CELLS)}
+    killed, raising = CELLS
+    for _ in range(MAX_ATTEMPTS + 2):  # the chaos test's four kills once landed in one cell: it was reported failed
+        study.add_trial(create_trial(state=TrialState.FAIL, params={"cell": killed}, distributions=space))
+    for attempt in range(MAX_ATTEMPTS):
+        assert raising not in cell_states(study)["finished"]
+        study.add_trial(create_trial(state=TrialState.FAIL, params={"cell": raising}, distributions=space, user_attrs={RAISED: "RuntimeError: boom"}))
+    states = cell_states(study)
+    assert killed not in states["finished"] and raising in states["finished"]
+
+
+def test_a_trial_that_raises_is_marked_so(tmp_path, monkeypatch):
+    import optuna
+
+    from ablations import sweep as driver
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(driver, "run_cell", broken)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    study = optuna.create_study()
+    study.set_user_attr("cells", CELLS)
+    study.enqueue_trial({"cell": CELLS[0]})
+    objective = driver.make_objective(driver.load_profile("smoke"), tmp_path, tracking, None)
+    study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+    assert study.trials[0].user_attrs[driver.RAISED] == "RuntimeError: boom"
+
+
 def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smoke_sweep, tmp_path):
     import shutil
 
