@@ -111,3 +111,22 @@ def test_fused_weight_normalization_matches_autograd_through_normalize(gain, row
     assert torch.allclose(layer(x), x @ reference.T)
     for a, b in zip(fused, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gain", ["one", "learned"])
+@pytest.mark.parametrize("rows", [(3,), (40,)], ids=["output-side", "weight-side"])  # below and above fan-in² elements
+def test_forced_weight_normalization_gradient_is_autograds_through_normalize(gain, rows):
+    torch.manual_seed(1)
+    layer = MPLinear(16, 8, gain=gain, forced=True).double()
+    if layer.gain is not None:
+        layer.gain.data.fill_(0.7)
+    layer.weight.data.mul_(torch.rand(8, 1, dtype=torch.float64) * 3 + 0.5)  # rows of unequal norm, rewritten below
+    x = torch.randn(*rows, 16, dtype=torch.float64)
+    params = [layer.weight] + ([layer.gain] if layer.gain is not None else [])
+    fused = torch.autograd.grad(layer(x).sin().sum(), params)  # rewrites the stored rows first (Eq. 67)
+    torch.testing.assert_close(layer.weight.square().mean(dim=1), torch.ones(8, dtype=torch.float64), rtol=1e-3, atol=1e-3)
+    w = layer.weight  # EDM2's forced normalization: the rewritten weight, then Eq. 66 differentiated through
+    reference = w / (w.square().mean(dim=1, keepdim=True).sqrt() + 1e-4) / 4 * (1 if layer.gain is None else layer.gain)
+    expected = torch.autograd.grad((x @ reference.T).sin().sum(), params)
+    for a, b in zip(fused, expected):
+        torch.testing.assert_close(a, b)
