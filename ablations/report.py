@@ -21,8 +21,9 @@ HERE = Path(__file__).resolve().parent
 RUNGS = "ABCDE"
 
 
-def load_results(out: Path, cells: list[str]) -> pd.DataFrame:
-    """One row per grid cell: its result.json, or a row saying it has not finished."""
+def load_results(out: Path, cells: list[str], crashed: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per grid cell: its result.json, or a row saying it failed (`crashed`: cell → reason) or has
+    not finished."""
     rows = []
     for cell in cells:
         path = out / "cells" / cell / "result.json"
@@ -30,7 +31,10 @@ def load_results(out: Path, cells: list[str]) -> pd.DataFrame:
             rows.append(json.loads(path.read_text()))
         else:
             conditioning, mp, seed = cell.rsplit("-", 2)
-            rows.append({"cell": cell, "conditioning": conditioning, "mp": mp, "seed": int(seed[1:]), "status": "missing"})
+            row = {"cell": cell, "conditioning": conditioning, "mp": mp, "seed": int(seed[1:]), "status": "missing"}
+            if cell in (crashed or {}):
+                row |= {"status": "failed", "reason": crashed[cell]}
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -199,13 +203,14 @@ def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | Non
     plt.close(fig)
 
 
-def write_report(study, out: Path, profile: str, baseline: dict[str, str]) -> Path:
-    """Every table and plot of the sweep into `out` (the cells' results stay in out/cells)."""
+def write_report(study, out: Path, profile: str, baseline: dict[str, str], crashed: dict[str, str] | None = None) -> Path:
+    """Every table and plot of the sweep into `out` (the cells' results stay in out/cells); `crashed` names the
+    cells that failed without a result and why."""
     cells = study.user_attrs["cells"] if study is not None else None
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
     if cells is None:
         cells = sorted(p.name for p in (out / "cells").iterdir())
-    results = load_results(out, cells)
+    results = load_results(out, cells, crashed)
     fids, params = fid_table(results, baseline), params_table(results)
     write_table(fids, out / "fid_table")
     write_table(params, out / "params_table")
@@ -230,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(argv[0] if argv else "results/ablations/cpu")
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
-    print(write_report(None, out, out.name, grid["baseline"]))
+    run = out / "sweep_run.json"
+    crashed = json.loads(run.read_text()).get("crashed") if run.exists() else None
+    print(write_report(None, out, out.name, grid["baseline"], crashed))
 
 
 if __name__ == "__main__":

@@ -317,6 +317,26 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
     return objective
 
 
+def trial_cell(trial) -> str:
+    """The cell a trial trains: its parameter, or for a queued trial not yet started, the one queued."""
+    return trial.params.get("cell") or trial.system_attrs.get("fixed_params", {}).get("cell")
+
+
+def crashed_cells(study) -> dict[str, str]:
+    """Cells whose trials raised `MAX_ATTEMPTS` times (and never completed): what the last one raised."""
+    from optuna.trial import TrialState
+
+    raised: dict[str, list[str]] = {}
+    done: set[str] = set()
+    for t in study.get_trials(deepcopy=False):
+        cell = trial_cell(t)
+        if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs:
+            done.add(cell)
+        elif t.state == TrialState.FAIL and RAISED in t.user_attrs:
+            raised.setdefault(cell, []).append(t.user_attrs[RAISED])
+    return {c: f"raised {len(e)} times, last: {e[-1]}" for c, e in raised.items() if len(e) >= MAX_ATTEMPTS and c not in done}
+
+
 def cell_states(study) -> dict[str, set[str]]:
     """Cells by the states of their trials: finished (complete, failed for good, or raised `MAX_ATTEMPTS` times),
     running, queued. A killed worker's trial (failed by the heartbeat, never raised) does not count against its
@@ -326,7 +346,7 @@ def cell_states(study) -> dict[str, set[str]]:
     states: dict[str, set[str]] = {"finished": set(), "running": set(), "queued": set()}
     crashes: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        cell = t.params.get("cell") or t.system_attrs.get("fixed_params", {}).get("cell")
+        cell = trial_cell(t)
         crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAIL and RAISED in t.user_attrs)
         if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs or crashes[cell] >= MAX_ATTEMPTS:
             states["finished"].add(cell)
@@ -407,8 +427,9 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         from ablations.report import write_report
 
-        report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"])
-        write_json(out / "sweep_run.json", run_info(profile_name, mode, started))
+        crashed = crashed_cells(study)
+        report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"], crashed)
+        write_json(out / "sweep_run.json", {**run_info(profile_name, mode, started), "crashed": crashed})
         for path in sorted(report_dir.iterdir()):  # the tables and plots, not the cells' checkpoints
             if path.suffix in (".csv", ".md", ".tex", ".png", ".json"):
                 mlflow.log_artifact(str(path), "report")
@@ -469,6 +490,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"[sweep] tables and plots in {report}")
+    crashed = json.loads((report / "sweep_run.json").read_text())["crashed"]
+    if crashed:  # a diverged cell is a result; a cell that kept raising is an error to look into
+        print(f"error: {len(crashed)} cells raised {MAX_ATTEMPTS} times (in the tables as failed):", file=sys.stderr)
+        for cell, reason in crashed.items():
+            print(f"  {cell}: {reason}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

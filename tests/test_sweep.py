@@ -133,6 +133,30 @@ def test_a_diverging_cell_is_reported_failed_with_its_reason_and_the_rest_comple
     assert json.loads((out / "cells" / "adaln-A-s0" / "result.json").read_text()) == failed
 
 
+def test_a_cell_that_keeps_raising_is_reported_failed_and_the_sweep_exits_non_zero(smoke_sweep, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import ablations.sweep as sweep_module
+
+    real = sweep_module.run_cell
+
+    def run_cell(profile, cell, cell_dir, **kwargs):
+        if cell.id == "adaln-A-s0":
+            raise RuntimeError("disk on fire")
+        return real(profile, cell, cell_dir, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_cell", run_cell)
+    out = tmp_path / "raising"
+    shutil.copytree(smoke_sweep / "cells" / "rotation+scale-E-s0", out / "cells" / "rotation+scale-E-s0")  # done: read back
+    with pytest.raises(SystemExit) as exit_:
+        sweep_module.main(["--profile", "smoke", "--out", str(out), "--cells", ",".join(CELLS)])
+    assert exit_.value.code == 1
+    assert "adaln-A-s0: raised 3 times, last: RuntimeError: disk on fire" in capsys.readouterr().err
+    table = pd.read_csv(out / "fid_table.csv").set_index("mp")
+    assert table.loc["A", "status"] == "failed: raised 3 times, last: RuntimeError: disk on fire"
+    assert table.loc["E", "status"] == "complete"
+
+
 def _open_stores(out: str, start, results) -> None:
     from ablations.sweep import open_stores
 
