@@ -87,13 +87,14 @@ def validate_grid(cells: list[Cell]) -> None:
 
 def check_data(profile: dict[str, Any]) -> None:
     """Build the profile's data module and fetch its files once, before any cell: a missing or truncated
-    dataset is refused here with the data module's message, not inside every cell's trial (retried, failed)."""
-    import importlib
+    dataset, or no reference images for FID, is refused here with the data module's message, not inside
+    every cell's trial (retried, failed)."""
+    from lit_mpdit.data import instantiate_datamodule
 
     spec = profile["fit"]["data"]
-    module, _, name = spec["class_path"].rpartition(".")
-    data = getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+    data = instantiate_datamodule(spec["class_path"], spec.get("init_args", {}), "profile fit.data")
     data.prepare_data()
+    data.check_reference(profile["eval"]["reference_split"])
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -149,10 +150,19 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
                 {"class_path": "lit_mpdit.callbacks.Throughput"},
                 {"class_path": "lit_mpdit.callbacks.MagnitudeDiagnostics", "init_args": {"every_n_steps": profile.get("diagnostics_every", 50)}},
                 {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": 0}},
+                *posthoc_ema(profile, cell_dir),
             ],
         },
     }
     return deep_merge(profile["fit"], overrides)
+
+
+def posthoc_ema(profile: dict[str, Any], cell_dir: Path) -> list[dict[str, Any]]:
+    """EDM2's power EMAs with snapshots beside the checkpoints, when the profile evaluates post-hoc EMA weights."""
+    if profile["eval"].get("weights") != "posthoc":
+        return []
+    every = profile.get("checkpoint_every", 100)  # a resumed cell rewrites the snapshots after its checkpoint
+    return [{"class_path": "lit_mpdit.ema.PowerEMA", "init_args": {"snapshot_every": every, "snapshot_dir": str(cell_dir / "ema_snapshots")}}]
 
 
 def readable_checkpoint(path: Path) -> bool:
@@ -170,8 +180,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     from lit_mpdit.cli import lightning_cli
     from lit_mpdit.cost import forward_gflops, n_params
     from lit_mpdit.data import reference_name
-    from lit_mpdit.evaluate import Protocol, evaluate
-    from lit_mpdit.module import load_module
+    from lit_mpdit.evaluate import Protocol, evaluate, load_for_evaluation
 
     result_path = cell_dir / "result.json"
     if result_path.exists():  # finished before an interruption: read back, never retrain
@@ -188,10 +197,10 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     protocol = Protocol(**profile["eval"], seed=cell.seed)
     # The weights the protocol names, read from the final checkpoint: a rerun after a kill during evaluation
     # restores a finished fit, which skips the hook that swaps the EMA in, so the live module cannot be trusted.
-    module = load_module(str(last), protocol.weights)
+    module = load_for_evaluation(str(last), protocol, snapshots=str(cell_dir / "ema_snapshots"))
     data = cli.datamodule
     reference = reference_name(data, protocol.reference_split)
-    evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol)
+    evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol, data.to_images)
     throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
     record = {
         "cell": cell.id,

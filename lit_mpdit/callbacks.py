@@ -48,7 +48,9 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         labels = class_grid_labels(module.hparams.num_classes, self.per_class, self.max_classes)
-        images = to_uint8(module.sample(labels, seed=self.seed))
+        samples = module.sample(labels, seed=self.seed)
+        data = trainer.datamodule  # latents are decoded to images by their data module
+        images = data.to_images(samples) if hasattr(data, "to_images") else to_uint8(samples)
         path = save_grid(images, folder / f"{name}.png", nrow=self.per_class)
         log_artifact(trainer, path, "samples")
 
@@ -162,7 +164,7 @@ class PeriodicFID(L.Callback):
         from lit_mpdit.evaluate import evaluate
 
         data, split = trainer.datamodule, self.protocol.reference_split
-        result = evaluate(pl_module, reference_name(data, split), lambda: data.reference_images(split, self.protocol.n_ref), self.protocol)
+        result = evaluate(pl_module, reference_name(data, split), lambda: data.reference_images(split, self.protocol.n_ref), self.protocol, data.to_images)
         metrics = {"val/fid": result["fid"]}
         if self.protocol.bootstrap:
             metrics |= {"val/fid_lo": result["fid_lo"], "val/fid_hi": result["fid_hi"]}

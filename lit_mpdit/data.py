@@ -12,6 +12,7 @@ pixels stay uint8 in memory and are converted a batch at a time.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.images import to_uint8
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Indices = Sequence[int] | torch.Tensor
@@ -324,6 +326,30 @@ class HeldOutDataModule(L.LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @abstractmethod
+    def reference_images(self, split: str, n: int | None = None) -> torch.Tensor:
+        """`n` real images of `split` as uint8 (N, C, H, W), the set generated samples are compared with by FID."""
+
+    def check_reference(self, split: str) -> None:
+        """Raise `ConfigError` unless `reference_images(split)` can give images (checked before training)."""
+
+    def reference_source(self, split: str) -> str:
+        """Where reference images of `split` come from, when not from the stored split itself ("" then)."""
+        return ""
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Generated samples (in the space the model was trained on) as uint8 images (N, C, H, W)."""
+        return to_uint8(samples)
+
+
+def draw_images(images: ImageDataset, n: int | None, seed: int) -> torch.Tensor:
+    """All of `images` as uint8 in stored order when `n` is None or not smaller, else n of them drawn by `seed`."""
+    total = len(images)
+    if n is None or n >= total:
+        return images.uint8(torch.arange(total))
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    return images.uint8(chosen.sort().values)
+
 
 class ImageDataModule(HeldOutDataModule):
     """Pixel data: batches in [-1, 1], and the uint8 images that FID reference statistics are computed from."""
@@ -332,12 +358,7 @@ class ImageDataModule(HeldOutDataModule):
         """`n` images of the stored `split` ("train", validation images included, or "test") as uint8
         (N, C, H, W): all of them in file order when `n` is None or not smaller, else a subset drawn by `seed`."""
         check_choice(f"{type(self).__name__} reference split", split, self.full_splits)
-        images: ImageDataset = self.full_splits[split]  # type: ignore[assignment]  # _load gives ImageDatasets
-        total = len(images)
-        if n is None or n >= total:
-            return images.uint8(torch.arange(total))
-        chosen = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:n]
-        return images.uint8(chosen.sort().values)
+        return draw_images(self.full_splits[split], n, self.seed)  # type: ignore[arg-type]  # _load gives ImageDatasets
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -719,10 +740,15 @@ class LatentsDataModule(HeldOutDataModule):
         seed: int = 0,  # chooses the validation examples
         val_size: int = 1000,  # training examples held out for validation
         limit_train: int | None = None,  # train on the first N remaining training examples only; None = all
+        references: dict[str, str] | None = None,  # FID reference split → class-per-folder tree of real images
     ):
         super().__init__(batch_size, num_workers, seed, val_size, limit_train)
         self.save_hyperparameters()
         record = load_latents(path)
+        self.references = dict(references or {})
+        for split, folder in self.references.items():
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data.references.{split}: {folder} is not a directory (expected ROOT/<class>/<image>.png|jpg)")
         mean, std, labels, shift, scale = (record[k] for k in ("mean", "std", "labels", "shift", "scale"))
         n, channels, height, width = mean.shape if mean.ndim == 4 else (-1,) * 4
         shapes_agree = std.shape == mean.shape and labels.shape == (n,) and shift.shape == scale.shape == (channels,)
@@ -732,11 +758,13 @@ class LatentsDataModule(HeldOutDataModule):
                 f"{tuple(labels.shape)} (N,), shift {tuple(shift.shape)} and scale {tuple(scale.shape)} (C,)"
             )
         self.image_size, self.in_channels = height, channels
+        self.pixel_size = record.get("image_size", 8 * height)  # side of the images the latents encode
         self.num_classes = record.get("num_classes", int(labels.max()) + 1)
         self.class_names = record.get("class_names", [str(i) for i in range(self.num_classes)])
         self.vae = record["vae"]
         self.shift, self.scale = shift.float(), scale.float()
         self._record = record
+        self._vae: dict[torch.device, Any] = {}
 
     def _load(self) -> dict[str, BatchDataset]:
         r = self._record
@@ -745,6 +773,38 @@ class LatentsDataModule(HeldOutDataModule):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized latents (N, C, H, W) → the VAE's latent space (before its own scaling factor)."""
         return z * self.scale.view(-1, 1, 1).to(z) + self.shift.view(-1, 1, 1).to(z)
+
+    def check_reference(self, split: str) -> None:
+        if split not in self.references:
+            raise ConfigError(
+                f"data.references: FID compares samples with real images, and reference split {split!r} has none; "
+                f"give data.references.{split}: a class-per-folder tree (e.g. ImageNet's validation images); "
+                f"given: {', '.join(map(repr, self.references)) or 'none'}"
+            )
+
+    def reference_source(self, split: str) -> str:
+        self.check_reference(split)
+        folder = Path(self.references[split]).resolve()
+        digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+        return f"{folder.name}-{digest}-{self.pixel_size}px"
+
+    def reference_images(self, split: str = "val", n: int | None = None) -> torch.Tensor:
+        """`n` real images of reference split `split` (a folder of `references`), cropped and resized as the
+        training images were before encoding, as uint8 (N, 3, H, W); a subset drawn by `seed` when n is smaller."""
+        self.check_reference(split)
+        files, labels, _ = scan_image_folder(self.references[split], option=f"data.references.{split}")
+        return draw_images(ImageFileDataset(files, torch.tensor(labels), self.pixel_size, channels=3), n, self.seed)
+
+    @torch.no_grad()
+    def to_images(self, samples: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Generated normalized latents → uint8 images, decoded by the VAE that encoded the training set."""
+        from lit_mpdit.latents import load_vae
+
+        vae = self._vae.get(samples.device)
+        if vae is None:  # loaded once per device: decoding is called for every evaluation
+            vae = self._vae[samples.device] = load_vae(self.vae, str(samples.device))
+        decoded = [vae.decode(self.denormalize(z.float())).sample for z in samples.split(batch_size)]
+        return to_uint8(torch.cat(decoded))
 
 
 DATAMODULES: dict[str, type[HeldOutDataModule]] = {
@@ -767,8 +827,22 @@ def datamodule_name(datamodule: L.LightningDataModule) -> str:
     return next((name for name, cls in DATAMODULES.items() if type(datamodule) is cls), type(datamodule).__name__)
 
 
+def instantiate_datamodule(class_path: str, init_args: dict[str, Any], option: str) -> HeldOutDataModule:
+    """The data module `class_path` ("package.module.Class") built with `init_args`, as LightningCLI builds it."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{option}: cannot import data module {class_path!r} ({e})") from None
+    return cls(**init_args)
+
+
 def reference_name(datamodule: HeldOutDataModule, split: str) -> str:
     """Names the reference images `datamodule.reference_images(split, n)` gives, for the FID cache: the data
-    module and split, and the seed that draws a subset when it is not the default 0."""
+    module and split, their source folder when not the stored split, and the seed that draws a subset when it
+    is not the default 0."""
+    source = datamodule.reference_source(split)
     seed = f":seed{datamodule.seed}" if datamodule.seed else ""
-    return f"{datamodule_name(datamodule)}:{split}{seed}"
+    return f"{datamodule_name(datamodule)}:{split}{':' + source if source else ''}{seed}"

@@ -60,8 +60,10 @@ def evaluate(
     reference_name: str,  # identifies the reference images in the cache, e.g. "fashion_mnist:test"
     reference_images: Callable[[], torch.Tensor],  # uint8 (N, C, H, W), called only when the cache misses
     protocol: Protocol,
+    to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,  # samples → uint8 images; None = pixels in [-1, 1]
 ) -> dict:
-    """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval."""
+    """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval. Latent models
+    pass their data module's `to_images`, which decodes with the VAE."""
     from lit_mpdit.images import to_uint8
     from lit_mpdit.metrics.fid import InceptionFeatures, bootstrap_fid, fid_from_features, reference_features
 
@@ -71,7 +73,7 @@ def evaluate(
     labels = balanced_labels(protocol.n_fake, module.hparams.num_classes)
     samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed)
     sampled = time.perf_counter()
-    fake = net(to_uint8(samples))
+    fake = net((to_images or to_uint8)(samples))
     fid = fid_from_features(reference, fake)
     lo, hi = bootstrap_fid(reference, fake, n_boot=protocol.bootstrap, seed=protocol.seed) if protocol.bootstrap else (float("nan"),) * 2
     return {
@@ -116,7 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", default=None, help="a checkpoint written by `fit`; omit with --untrained")
     p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialised model (a baseline), built from --config")
     p.add_argument("--config", default="configs/fmnist.yaml", help="with --untrained: the model's config")
-    p.add_argument("--reference", default="fashion_mnist:test", help="reference set DATASET:SPLIT (fashion_mnist, fashion_mnist_sample, cifar10)")
+    p.add_argument(
+        "--reference",
+        default="fashion_mnist:test",
+        help="reference set DATASET:SPLIT (fashion_mnist, fashion_mnist_sample, cifar10), or data:SPLIT for the "
+        "checkpoint's own data module (latent models: its VAE decodes the samples, its references give the images)",
+    )
     p.add_argument("--n", type=int, default=d.n_fake, help="generated images")
     p.add_argument("--n-ref", type=int, default=d.n_ref, help="reference images")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -133,10 +140,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from lit_mpdit.metrics.fid import DATASETS, parse_dataset_spec
 
-    spec = parse_dataset_spec(args.reference)
-    if spec is None:
-        raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: {', '.join(DATASETS)}")
+    own = args.reference.startswith("data:")
+    spec = ("data", args.reference[len("data:") :], None) if own else parse_dataset_spec(args.reference)
+    if spec is None or not spec[1]:
+        raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: data (the checkpoint's), {', '.join(DATASETS)}")
     dataset, split, _ = spec
+    if own and args.ckpt is None:
+        raise ConfigError("--reference data:SPLIT names the checkpoint's data module: give --ckpt")
     weights = "init" if args.untrained else args.weights
     protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
     if args.untrained == (args.ckpt is not None):
@@ -145,13 +155,37 @@ def main(argv: list[str] | None = None) -> None:
         module = untrained_module(args.config)
     else:
         module = load_for_evaluation(args.ckpt, protocol, args.snapshots)
-    result = evaluate(module, f"{dataset}:{split}", lambda: DATASETS[dataset]().reference_images(split, args.n_ref), protocol)
+    if own:
+        from lit_mpdit.data import reference_name
+
+        data = checkpoint_datamodule(args.ckpt)
+        data.check_reference(split)
+        result = evaluate(module, reference_name(data, split), lambda: data.reference_images(split, args.n_ref), protocol, data.to_images)
+    elif module.hparams.in_channels not in (1, 3):
+        raise ConfigError(
+            f"--reference: this model generates {module.hparams.in_channels}-channel latents, which {dataset} images "
+            "cannot be compared with; use --reference data:SPLIT (its data module decodes them with its VAE)"
+        )
+    else:
+        result = evaluate(module, f"{dataset}:{split}", lambda: DATASETS[dataset]().reference_images(split, args.n_ref), protocol)
     result["checkpoint"] = args.ckpt or "untrained"
     line = json.dumps(result)
     print(line)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def checkpoint_datamodule(ckpt: str):
+    """The data module a checkpoint was trained with, rebuilt from the class and arguments Lightning stored in it."""
+    from lit_mpdit.data import instantiate_datamodule
+    from lit_mpdit.module import read_checkpoint
+
+    stored = dict(read_checkpoint(ckpt, "--ckpt", mmap=True).get("datamodule_hyper_parameters") or {})
+    class_path = stored.pop("_class_path", None)
+    if class_path is None:
+        raise ConfigError(f"--reference data:SPLIT: {ckpt} does not record its data module; name a dataset instead")
+    return instantiate_datamodule(class_path, {k: v for k, v in stored.items() if not k.startswith("_")}, "--reference data:SPLIT")
 
 
 def untrained_module(config: str):

@@ -109,3 +109,87 @@ def test_bad_options_fail_before_encoding(images, tmp_path, kwargs, match):
     args = {"image_root": images, "out": "z.pt"} | kwargs
     with pytest.raises(ConfigError, match=match):
         prepare_latents(tmp_path / args.pop("image_root"), tmp_path / args.pop("out"), vae="/nowhere", **args)
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_vae, images, tmp_path_factory) -> Path:
+    return prepare_latents(images, tmp_path_factory.mktemp("latents") / "z.pt", vae=str(tiny_vae), image_size=16, batch_size=4)
+
+
+def test_samples_decode_through_the_vae_that_encoded_the_training_set(tiny_vae, latents, images):
+    from diffusers import AutoencoderKL
+
+    from lit_mpdit.images import to_uint8
+
+    dm = LatentsDataModule(path=str(latents), val_size=2, references={"val": str(images)})
+    mean = load_latents(latents)["mean"][:3]
+    normalized = (mean - dm.shift.view(-1, 1, 1)) / dm.scale.view(-1, 1, 1)  # as the model learns them
+    expected = to_uint8(AutoencoderKL.from_pretrained(tiny_vae).eval().decode(mean).sample.detach())
+    decoded = dm.to_images(normalized, batch_size=2)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 3, 16, 16)
+    assert (decoded.int() - expected.int()).abs().max() <= 1  # rounding at the uint8 boundary
+
+
+def test_reference_images_are_the_real_images_cropped_like_the_training_set(latents, images):
+    from lit_mpdit.data import load_image
+
+    dm = LatentsDataModule(path=str(latents), val_size=2, references={"val": str(images)})
+    every = dm.reference_images("val")
+    assert every.shape == (2 * PER_CLASS, 3, 16, 16) and every.dtype == torch.uint8
+    assert torch.equal(every[0], load_image(images / "ant" / "0.png", 16, 3))
+    assert torch.equal(dm.reference_images("val", 4), LatentsDataModule(path=str(latents), references={"val": str(images)}).reference_images("val", 4))
+    from lit_mpdit.data import reference_name
+
+    name = reference_name(dm, "val")  # the FID cache tells reference folders apart
+    assert name.startswith("latents:val:images") and name.endswith("-16px") and name != reference_name(LatentsDataModule(path=str(latents), references={"val": str(images / "ant")}), "val")
+    with pytest.raises(ConfigError, match="reference split 'test' has none; give data.references.test"):
+        dm.reference_images("test", 4)
+    with pytest.raises(ConfigError, match="data.references.val: .* is not a directory"):
+        LatentsDataModule(path=str(latents), references={"val": str(images / "nowhere")})
+
+
+def latent_profile(latents: Path, references: dict[str, str]) -> dict:
+    """The paper profile's shape (latents, post-hoc EMA, FID against real images) at a few seconds' scale."""
+    return {
+        "seeds": [0],
+        "checkpoint_every": 4,
+        "diagnostics_every": 2,
+        "fit": {
+            "model": {"size": "T/4", "sample_steps": 4},
+            "data": {"class_path": "lit_mpdit.data.LatentsDataModule", "init_args": {"path": str(latents), "batch_size": 4, "val_size": 2, "references": references}},
+            "trainer": {"max_steps": 8, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 2, "precision": "32-true"},
+        },
+        "eval": {"reference_split": "val", "n_ref": 10, "n_fake": 6, "steps": 3, "sampler": "ddim", "guidance": 1.5, "weights": "posthoc", "sigma_rel": 0.05, "precision": "fp32", "bootstrap": 0},
+    }
+
+
+def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(latents, images, tmp_path, capsys):
+    import math
+
+    from ablations.sweep import Cell, check_data, run_cell
+
+    with pytest.raises(ConfigError, match="data.references"):  # refused before any cell, not after training
+        check_data(latent_profile(latents, {}))
+    profile = latent_profile(latents, {"val": str(images)})
+    check_data(profile)
+    record = run_cell(profile, Cell("rotation+scale", "E", 0), tmp_path / "cell")
+    assert record["status"] == "complete" and math.isfinite(record["fid"]) and record["steps"] == 8
+    assert record["protocol"]["weights"] == "posthoc" and record["protocol"]["n_ref"] == 2 * PER_CLASS
+    assert sorted(p.name for p in (tmp_path / "cell" / "ema_snapshots").iterdir())  # PowerEMA wrote its snapshots
+    grid = np.asarray(Image.open(tmp_path / "cell" / "samples" / "final.png"))
+    assert grid.ndim == 3 and grid.shape[2] == 3  # decoded RGB images, not the 4 latent channels
+
+    # The same checkpoint through `evaluate`: its own data module decodes and gives the reference images.
+    import json
+
+    from lit_mpdit.evaluate import main as evaluate_main
+
+    ckpt = str(tmp_path / "cell" / "checkpoints" / "last.ckpt")
+    again = ["--ckpt", ckpt, "--n", "6", "--n-ref", "10", "--steps", "3", "--sampler", "ddim", "--bootstrap", "0", "--weights", "posthoc", "--sigma-rel", "0.05"]
+    capsys.readouterr()
+    evaluate_main([*again, "--reference", "data:val", "--precision", "fp32"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["fid"] == pytest.approx(record["fid"], rel=1e-4)  # the sweep's number, reproduced from the checkpoint
+    assert result["protocol"]["reference"] == record["protocol"]["reference"]
+    with pytest.raises(ConfigError, match="4-channel latents.*--reference data:SPLIT"):
+        evaluate_main(again)  # the default pixel reference cannot score latents
