@@ -354,10 +354,13 @@ def draw_images(images: ImageDataset, n: int | None, seed: int) -> torch.Tensor:
 class ImageDataModule(HeldOutDataModule):
     """Pixel data: batches in [-1, 1], and the uint8 images that FID reference statistics are computed from."""
 
+    def check_reference(self, split: str) -> None:
+        check_choice(f"{type(self).__name__} reference split", split, self.full_splits)
+
     def reference_images(self, split: str = "train", n: int | None = None) -> torch.Tensor:
         """`n` images of the stored `split` ("train", validation images included, or "test") as uint8
         (N, C, H, W): all of them in file order when `n` is None or not smaller, else a subset drawn by `seed`."""
-        check_choice(f"{type(self).__name__} reference split", split, self.full_splits)
+        self.check_reference(split)
         return draw_images(self.full_splits[split], n, self.seed)  # type: ignore[arg-type]  # _load gives ImageDatasets
 
 

@@ -46,6 +46,16 @@ def test_bad_sweep_options_are_refused_before_work(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_profile_whose_fid_reference_split_does_not_exist_is_refused_before_writing(tmp_path, monkeypatch):
+    import ablations.sweep as sweep_module
+
+    smoke = load_profile("smoke")
+    monkeypatch.setattr(sweep_module, "load_profile", lambda name: {**smoke, "eval": {**smoke["eval"], "reference_split": "val"}})
+    with pytest.raises(ConfigError, match="reference split: unknown value 'val'; allowed: 'train', 'test'"):
+        sweep("smoke", tmp_path / "smoke", None, None, "grid", None, None)
+    assert not (tmp_path / "smoke").exists()
+
+
 def test_a_sweep_without_its_dataset_is_refused_before_writing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the paper profile reads data/imagenet128_latents.npz relative to here
     with pytest.raises(ConfigError, match="data.path: latents file data/imagenet128_latents.npz does not exist"):
