@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
+OUT ?= results/ablations/$(PROFILE)
 STAMP := $(VENV)/.installed
 
 .PHONY: setup data fit test test-slow ablations bench clean
@@ -32,7 +33,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 ablations: setup data
-	$(PY) -m ablations.sweep --profile $(PROFILE)
+	$(PY) -m ablations.sweep --profile $(PROFILE) --out $(OUT)
 
 bench: setup data
 	$(PY) benchmarks/run.py

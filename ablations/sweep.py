@@ -426,6 +426,11 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
     study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids)
     objective = make_objective(profile, out, tracking_uri, tpe_space)
+    if mode == "grid" and cell_states(study)["finished"] >= set(ids):  # e.g. the committed results of a clone
+        from ablations.report import write_report
+
+        print(f"[sweep] all {len(ids)} cells finished in an earlier run: rebuilding the tables (--out elsewhere trains afresh)", flush=True)
+        return write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"], crashed_cells(study))  # the stores and sweep_run.json stay as that run left them
     started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})

@@ -98,13 +98,16 @@ def test_smoke_sweep_writes_every_table_and_plot(smoke_sweep):
         assert params.loc[c.conditioning, "params"] == expected
 
 
-def test_rerun_reads_finished_cells_back_without_training(smoke_sweep):
+def test_rerun_reads_finished_cells_back_without_training(smoke_sweep, capsys):
     results = {c: smoke_sweep / "cells" / c / "result.json" for c in CELLS}
     before = {c: (p.stat().st_mtime_ns, json.loads(p.read_text())) for c, p in results.items()}
-    table = (smoke_sweep / "fid_table.csv").read_text()
+    table, run = (smoke_sweep / "fid_table.csv").read_text(), (smoke_sweep / "sweep_run.json").read_text()
+    capsys.readouterr()
     sweep("smoke", smoke_sweep, None, None, "grid", None, CELLS)
     assert {c: (p.stat().st_mtime_ns, json.loads(p.read_text())) for c, p in results.items()} == before
     assert (smoke_sweep / "fid_table.csv").read_text() == table
+    assert "all 2 cells finished in an earlier run" in capsys.readouterr().out
+    assert (smoke_sweep / "sweep_run.json").read_text() == run  # still the record of the run that trained
 
 
 def test_notebook_regenerates_the_plots_from_the_tracked_runs(smoke_sweep, tmp_path):
