@@ -95,8 +95,14 @@ def sample_main(argv: list[str]) -> None:
         check_choice("--sampler", args.sampler, SAMPLERS)
     module = load_module(args.ckpt, args.weights)
     labels = class_grid_labels(module.hparams.num_classes, args.per_class, args.classes)
-    images = module.sample(labels, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
-    print(save_grid(to_uint8(images), args.out, nrow=args.per_class))
+    samples = module.sample(labels, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
+    if module.hparams.in_channels in (1, 3):
+        images = to_uint8(samples)
+    else:  # latents: decoded by the VAE of the data module the checkpoint was trained with
+        from lit_mpdit.evaluate import checkpoint_datamodule
+
+        images = checkpoint_datamodule(args.ckpt).to_images(samples)
+    print(save_grid(images, args.out, nrow=args.per_class))
 
 
 def commands() -> dict[str, Callable[[list[str]], None]]:

@@ -193,3 +193,8 @@ def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(
     assert result["protocol"]["reference"] == record["protocol"]["reference"]
     with pytest.raises(ConfigError, match="4-channel latents.*--reference data:SPLIT"):
         evaluate_main(again)  # the default pixel reference cannot score latents
+
+    from lit_mpdit.cli import sample_main
+
+    sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), "--per-class", "2", "--steps", "2"])
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape[2] == 3  # decoded RGB, not latent channels
