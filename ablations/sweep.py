@@ -352,12 +352,10 @@ def cell_states(study) -> dict[str, set[str]]:
     cell: a sweep killed any number of times finishes every cell when run again."""
     from optuna.trial import TrialState
 
-    states: dict[str, set[str]] = {"finished": set(), "running": set(), "queued": set()}
-    crashes: dict[str, int] = {}
+    states: dict[str, set[str]] = {"finished": set(crashed_cells(study)), "running": set(), "queued": set()}
     for t in study.get_trials(deepcopy=False):
         cell = trial_cell(t)
-        crashes[cell] = crashes.get(cell, 0) + (t.state == TrialState.FAIL and RAISED in t.user_attrs)
-        if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs or crashes[cell] >= MAX_ATTEMPTS:
+        if t.state == TrialState.COMPLETE or FAILED_FOR_GOOD in t.user_attrs:
             states["finished"].add(cell)
         elif t.state == TrialState.RUNNING:
             states["running"].add(cell)
@@ -426,11 +424,12 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
     study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids)
     objective = make_objective(profile, out, tracking_uri, tpe_space)
-    if mode == "grid" and cell_states(study)["finished"] >= set(ids):  # e.g. the committed results of a clone
-        from ablations.report import write_report
+    from ablations.report import write_report
 
+    baseline = load_yaml(HERE / "grid.yaml")["baseline"]
+    if mode == "grid" and cell_states(study)["finished"] >= set(ids):  # e.g. the committed results of a clone
         print(f"[sweep] all {len(ids)} cells finished in an earlier run: rebuilding the tables (--out elsewhere trains afresh)", flush=True)
-        return write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"], crashed_cells(study))  # the stores and sweep_run.json stay as that run left them
+        return write_report(study, out, profile_name, baseline, crashed_cells(study))  # the stores and sweep_run.json stay as that run left them
     started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
@@ -439,10 +438,8 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
             run_grid(study, objective, ids)
         else:
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
-        from ablations.report import write_report
-
         crashed = crashed_cells(study)
-        report_dir = write_report(study, out, profile_name, load_yaml(HERE / "grid.yaml")["baseline"], crashed)
+        report_dir = write_report(study, out, profile_name, baseline, crashed)
         write_json(out / "sweep_run.json", {**run_info(profile_name, mode, started), "crashed": crashed})
         for path in sorted(report_dir.iterdir()):  # the tables and plots, not the cells' checkpoints
             if path.suffix in (".csv", ".md", ".tex", ".png", ".json"):

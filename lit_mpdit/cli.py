@@ -96,12 +96,10 @@ def sample_main(argv: list[str]) -> None:
     module = load_module(args.ckpt, args.weights)
     labels = class_grid_labels(module.hparams.num_classes, args.per_class, args.classes)
     samples = module.sample(labels, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
-    if module.hparams.in_channels in (1, 3):
-        images = to_uint8(samples)
-    else:  # latents: decoded by the VAE of the data module the checkpoint was trained with
-        from lit_mpdit.evaluate import checkpoint_datamodule
+    from lit_mpdit.evaluate import checkpoint_datamodule, generates_pixels
 
-        images = checkpoint_datamodule(args.ckpt).to_images(samples)
+    # Latents are decoded by the VAE of the data module the checkpoint was trained with.
+    images = to_uint8(samples) if generates_pixels(module) else checkpoint_datamodule(args.ckpt).to_images(samples)
     print(save_grid(images, args.out, nrow=args.per_class))
 
 

@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         from lit_mpdit.data import reference_name
 
         data = checkpoint_datamodule(args.ckpt)
-        data.check_reference(split)
         result = evaluate(module, reference_name(data, split), lambda: data.reference_images(split, args.n_ref), protocol, data.to_images)
-    elif module.hparams.in_channels not in (1, 3):
+    elif not generates_pixels(module):
         raise ConfigError(
             f"--reference: this model generates {module.hparams.in_channels}-channel latents, which {dataset} images "
             "cannot be compared with; use --reference data:SPLIT (its data module decodes them with its VAE)"
@@ -174,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def generates_pixels(module) -> bool:
+    """Whether a model's samples are images (grayscale or RGB) rather than latents for a VAE to decode."""
+    return module.hparams.in_channels in (1, 3)
 
 
 def checkpoint_datamodule(ckpt: str):
