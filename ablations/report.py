@@ -21,6 +21,13 @@ HERE = Path(__file__).resolve().parent
 RUNGS = "ABCDE"
 
 
+def cell_of(cell_id: str):
+    """The (conditioning, mp, seed) of a cell id."""
+    from ablations.sweep import Cell  # the sweep imports this module to write its report
+
+    return Cell.from_id(cell_id)
+
+
 def load_results(out: Path, cells: list[str], crashed: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per grid cell: its result.json, or a row saying it failed (`crashed`: cell → reason) or has
     not finished."""
@@ -30,8 +37,8 @@ def load_results(out: Path, cells: list[str], crashed: dict[str, str] | None = N
         if path.exists():
             rows.append(json.loads(path.read_text()))
         else:
-            conditioning, mp, seed = cell.rsplit("-", 2)
-            row = {"cell": cell, "conditioning": conditioning, "mp": mp, "seed": int(seed[1:]), "status": "missing"}
+            parsed = cell_of(cell)
+            row = {"cell": cell, "conditioning": parsed.conditioning, "mp": parsed.mp, "seed": parsed.seed, "status": "missing"}
             if cell in (crashed or {}):
                 row |= {"status": "failed", "reason": crashed[cell]}
             rows.append(row)
@@ -138,8 +145,8 @@ def plot_curves(out: Path, grid: dict[str, Any], cells: list[str], column: str, 
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, (name, group) in zip(axes[0], groups.items()):
         for cell in cells:
-            conditioning, mp, _ = cell.rsplit("-", 2)
-            if conditioning not in group["conditioning"] or mp not in group["mp"]:
+            parsed = cell_of(cell)
+            if parsed.conditioning not in group["conditioning"] or parsed.mp not in group["mp"]:
                 continue
             metrics = read_metrics(out, cell)
             if metrics is None or column not in metrics:

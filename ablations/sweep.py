@@ -36,17 +36,24 @@ MODES = ("grid", "tpe")
 @dataclass(frozen=True)
 class Cell:
     conditioning: str
-    mp: str
+    mp: str  # a rung A–E, or a branch of the paper's code (lit_mpdit.config.GRID_MP_VALUES)
     seed: int
 
     @property
     def id(self) -> str:
-        return f"{self.conditioning}-{self.mp}-s{self.seed}"
+        """'<conditioning>-<mp>-s<seed>', with a branch's '/' written '_' so that the id names a folder."""
+        return f"{self.conditioning}-{self.mp.replace('/', '_')}-s{self.seed}"
 
     @classmethod
     def from_id(cls, cell_id: str) -> Cell:
-        conditioning, mp, seed = cell_id.rsplit("-", 2)
-        return cls(conditioning, mp, int(seed[1:]))
+        from lit_mpdit.config import GRID_MP_VALUES
+
+        head, _, seed = cell_id.rpartition("-s")
+        mp = next((v for v in sorted(GRID_MP_VALUES, key=len, reverse=True) if head.endswith("-" + v.replace("/", "_"))), None)
+        if mp is None:  # not a known rung: parsed as written, and refused by the grid's check
+            head, _, mp = head.rpartition("-")
+            return cls(head, mp, int(seed))
+        return cls(head[: -len(mp) - 1], mp, int(seed))
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -78,11 +85,11 @@ def grid_cells(grid: dict[str, Any], seeds: list[int]) -> list[Cell]:
 def validate_grid(cells: list[Cell]) -> None:
     """Refuse a bad grid before any cell trains: every name must build."""
     from lit_mpdit.conditioning import Conditioning
-    from lit_mpdit.config import resolve_mp
+    from lit_mpdit.config import grid_design
 
     for cell in cells:
         Conditioning.parse(cell.conditioning)
-        resolve_mp(cell.mp)
+        grid_design(cell.conditioning, cell.mp)
 
 
 def check_data(profile: dict[str, Any]) -> None:
@@ -125,13 +132,13 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
             {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": tracking_uri, "run_id": run_id}}
         )
     ema_decay = profile.get("ema_decay", 0.999)
-    if lr is None:  # a profile may set a learning rate per family instead of the family's preset
-        from lit_mpdit.config import resolve_mp
+    from lit_mpdit.config import grid_design, grid_flags
 
-        lr = profile.get("lr", {}).get(resolve_mp(cell.mp).family)
+    if lr is None:  # a profile may set a learning rate per family instead of the family's preset
+        lr = profile.get("lr", {}).get(grid_flags(cell.conditioning, cell.mp).family)
     overrides = {
         "seed_everything": cell.seed,
-        "model": {"conditioning": cell.conditioning, "mp": cell.mp, **({"lr": lr} if lr is not None else {})},
+        "model": {**grid_design(cell.conditioning, cell.mp), **({"lr": lr} if lr is not None else {})},
         "trainer": {
             "default_root_dir": str(cell_dir),
             "logger": loggers,
@@ -149,8 +156,9 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
                 },
                 {"class_path": "lit_mpdit.callbacks.Throughput"},
                 {"class_path": "lit_mpdit.callbacks.MagnitudeDiagnostics", "init_args": {"every_n_steps": profile.get("diagnostics_every", 50)}},
-                {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": 0}},
+                {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": profile.get("grid_every", 0)}},
                 *posthoc_ema(profile, cell_dir),
+                *fid_curve(profile),
             ],
         },
     }
@@ -163,6 +171,19 @@ def posthoc_ema(profile: dict[str, Any], cell_dir: Path) -> list[dict[str, Any]]
         return []
     every = profile.get("checkpoint_every", 100)  # a resumed cell rewrites the snapshots after its checkpoint
     return [{"class_path": "lit_mpdit.ema.PowerEMA", "init_args": {"snapshot_every": every, "snapshot_dir": str(cell_dir / "ema_snapshots")}}]
+
+
+def fid_curve(profile: dict[str, Any]) -> list[dict[str, Any]]:
+    """FID at several points of the run (`fid_curve: {every: steps, n_fake: N}`), with the profile's protocol
+    on the weights it evaluates (EMA where it evaluates EMA), logged as val/fid: the convergence curves."""
+    curve = profile.get("fid_curve")
+    if not curve:
+        return []
+    ev = profile["eval"]
+    same = {k: ev[k] for k in ("n_ref", "reference_split", "steps", "sampler", "guidance", "precision")}
+    weights = "ema" if ev.get("weights") == "ema" else "current"
+    args = {"every_n_steps": curve["every"], "n_fake": curve.get("n_fake", ev["n_fake"]), "weights": weights, "bootstrap": 0, **same}
+    return [{"class_path": "lit_mpdit.callbacks.PeriodicFID", "init_args": args}]
 
 
 def readable_checkpoint(path: Path) -> bool:
@@ -300,9 +321,9 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
             raise optuna.TrialPruned(f"{cell.id} is being trained by another trial")
         lr = None
         if tpe_space is not None:
-            from lit_mpdit.config import resolve_mp
+            from lit_mpdit.config import grid_flags
 
-            low, high = tpe_space[resolve_mp(cell.mp).family]
+            low, high = tpe_space[grid_flags(cell.conditioning, cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
         mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
         mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed, "trial": trial.number})

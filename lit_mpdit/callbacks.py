@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
+from lit_mpdit.errors import check_choice
 from lit_mpdit.images import save_grid, to_uint8
 
 
@@ -91,6 +92,8 @@ class MagnitudeDiagnostics(L.Callback):
     Every `every_n_steps` steps the network runs on one fixed probe (the first training batch,
     noised at fixed steps with fixed noise), and each block's output RMS is logged as
     `diag/act_rms/block_<i>`, with the RMS of the block's stored weights as `diag/weight_rms/block_<i>`.
+    `diag/class_spread` says how much the condition moves the prediction: the RMS over the probe of the
+    spread of ε̂ across the classes, relative to ε̂'s RMS (0 = the network ignores the class).
     """
 
     def __init__(
@@ -126,11 +129,39 @@ class MagnitudeDiagnostics(L.Callback):
                 h.remove()
             net.train(was_training)
         metrics = {f"diag/act_rms/block_{i}": r for i, r in enumerate(rms)}
+        metrics["diag/class_spread"] = class_spread(net, *self._probe[:2], pl_module.hparams.num_classes)
         for i, block in enumerate(net.blocks):
             weights = [p for name, p in block.named_parameters() if name.endswith("weight")]
             total = sum(w.square().sum() for w in weights) / sum(w.numel() for w in weights)
             metrics[f"diag/weight_rms/block_{i}"] = total.sqrt().item()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+@torch.no_grad()
+def class_spread(net: torch.nn.Module, xt: torch.Tensor, k: torch.Tensor, num_classes: int, max_classes: int = 10) -> float:
+    """RMS over samples and pixels of the standard deviation of ε̂(x_t, t, y) across classes y, divided by the
+    RMS of ε̂: how far the class moves the denoiser's prediction, relative to the prediction."""
+    was_training = net.training
+    net.eval()
+    try:
+        classes = range(min(num_classes, max_classes))
+        eps = torch.stack([net(xt, k, torch.full_like(k, y))[:, : xt.shape[1]].float() for y in classes])  # (Y, N, C, H, W)
+    finally:
+        net.train(was_training)
+    return (eps.std(dim=0).square().mean().sqrt() / eps.square().mean().sqrt().clamp_min(1e-12)).item()  # 0 while ε̂ = 0
+
+
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The module with the EMA weights of a running fit (Lightning's weight averaging), or the module itself
+    before the averaging has started or without it."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+        start = getattr(callback, "update_starting_at_step", None) or 0
+        if average is not None and trainer.global_step > start:
+            return average.module
+    return pl_module
 
 
 class PeriodicFID(L.Callback):
@@ -151,11 +182,14 @@ class PeriodicFID(L.Callback):
         guidance: float = 1.5,
         precision: str = "bf16",  # Inception precision
         bootstrap: int = 0,  # resamples for an interval; 0 = none
+        weights: str = "current",  # current, or ema: the weights of the run's EMA callback once it has started
+        seed: int = 0,  # sampling noise: the same at every measurement, so curves compare across steps
     ):
         from lit_mpdit.evaluate import Protocol
 
+        check_choice("PeriodicFID.weights", weights, ("current", "ema"))
         self.every_n_steps = every_n_steps
-        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, "current", None, 0, precision, bootstrap)
+        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
@@ -164,7 +198,8 @@ class PeriodicFID(L.Callback):
         from lit_mpdit.evaluate import evaluate
 
         data, split = trainer.datamodule, self.protocol.reference_split
-        result = evaluate(pl_module, reference_name(data, split), lambda: data.reference_images(split, self.protocol.n_ref), self.protocol, data.to_images)
+        module = averaged_module(trainer, pl_module) if self.protocol.weights == "ema" else pl_module
+        result = evaluate(module, reference_name(data, split), lambda: data.reference_images(split, self.protocol.n_ref), self.protocol, data.to_images)
         metrics = {"val/fid": result["fid"]}
         if self.protocol.bootstrap:
             metrics |= {"val/fid_lo": result["fid_lo"], "val/fid_hi": result["fid_hi"]}

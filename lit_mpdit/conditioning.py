@@ -1,8 +1,9 @@
 """Conditioning strategies: how the condition c modulates the tokens h entering a sub-block.
 
-Every operation reads its own slice of a zero-initialised head φ(c), so each is the identity at
-initialisation. Strategies are `+`-compositions of operations, applied in the fixed order
-scale → shift → rotation; `adaln` is an alias for `scale+shift`.
+Every operation reads its own heads φ(c); zero-initialised heads make scale, shift and rotation the
+identity at initialisation (the mp shift of the paper's final design starts as a 0.1 blend instead).
+Strategies are `+`-compositions of operations, applied in the fixed order
+scale → shift → rotation → mpshift; `adaln` is an alias for `scale+shift`.
 
 Each operation acts on channel pairs (i, i + D/2) by a per-sample 2×2 matrix and an offset, so a whole
 strategy composes, on the small (N, 1, D) coefficients, into one `PairAffine` that touches the tokens
@@ -10,8 +11,9 @@ once: one fused multiply-add for adaln, two for anything with a rotation.
 """
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
 
@@ -56,7 +58,14 @@ class PairAffine:
         return out if self.b is None else out.addcmul_(swap_halves(h), self.b)
 
 
-# The operations: parameters (N, 1, width) → their PairAffine.
+# The operations: their heads' outputs, each (N, 1, width) → their PairAffine.
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+MPSHIFT_START = 0.1  # the blend weight t of an mp shift at initialisation (map-dit, branch final)
 
 
 def scale(s: torch.Tensor) -> PairAffine:
@@ -75,27 +84,59 @@ def rotation(theta: torch.Tensor) -> PairAffine:
     return PairAffine(torch.cat([cos, cos], dim=-1), b=torch.cat([-sin, sin], dim=-1))
 
 
+def mpshift(b: torch.Tensor, psi: torch.Tensor) -> PairAffine:
+    """mp_sum(h, b, t) with a per-sample blend t = sigmoid(ψ + logit(0.1)) (EDM2 Eq. 88 with a learned t).
+
+    A shift that keeps magnitudes: for unit-RMS h and b it returns unit RMS for every t, and it starts at
+    t = 0.1, not at the identity (map-dit, branch final).
+    """
+    t = torch.sigmoid(psi + logit(MPSHIFT_START))  # (N, 1, 1)
+    norm = torch.sqrt((1 - t) ** 2 + t**2)
+    return PairAffine((1 - t) / norm, c=b * (t / norm))
+
+
 def rotate(h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """h (N, T, D) rotated pairwise by θ (N, 1, D/2)."""
     return rotation(theta)(h)
 
 
+HEAD_KINDS = ("zero", "angle", "fixed", "plain")
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head φ(c) = Linear(act(c)) of an operation, and how it starts."""
+
+    kind: str  # zero: starts at 0 (MP rows with a learned gain from 0, or a zero linear); angle: zero or plain,
+    #            as the model's angle_heads says; fixed: MP rows of gain 1 (starts non-zero); plain: a zero linear
+    per_channel: float = 1.0  # outputs per token channel
+    constant: int = 0  # outputs independent of the width
+
+    def width(self, dim: int) -> int:
+        return int(dim * self.per_channel) + self.constant
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
-    width_ratio: float  # head outputs per channel: 1 for scale and shift, 1/2 for a rotation
-    affine: Callable[[torch.Tensor], PairAffine]
+    heads: tuple[Head, ...]
+    affine: Callable[..., PairAffine]  # one tensor per head
+    identity_at_zero: bool = True  # the identity while its heads output 0
+
+    def widths(self, dim: int) -> list[int]:
+        return [head.width(dim) for head in self.heads]
 
     def width(self, dim: int) -> int:
-        return int(dim * self.width_ratio)
+        return sum(self.widths(dim))
 
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
-    for op in (
-        Operation("scale", 1.0, scale),
-        Operation("shift", 1.0, shift),
-        Operation("rotation", 0.5, rotation),
+    for op in (  # the order in which a strategy applies its operations
+        Operation("scale", (Head("zero"),), scale),
+        Operation("shift", (Head("zero"),), shift),
+        Operation("rotation", (Head("angle", 0.5),), rotation),
+        Operation("mpshift", (Head("fixed"), Head("plain", 0.0, 1)), mpshift, identity_at_zero=False),
     )
 }
 ALIASES: dict[str, tuple[str, ...]] = {"adaln": ("scale", "shift")}
@@ -126,14 +167,23 @@ class Conditioning:
     def name(self) -> str:
         return "+".join(op.name for op in self.operations)
 
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        """Every head of every operation, in order."""
+        return tuple(head for op in self.operations for head in op.heads)
+
     def widths(self, dim: int) -> list[int]:
-        return [op.width(dim) for op in self.operations]
+        return [head.width(dim) for head in self.heads]
 
     def width(self, dim: int) -> int:
         """Head outputs this strategy needs for tokens of width `dim` (without a gate)."""
         return sum(self.widths(dim))
 
-    def modulate(self, h: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Apply every operation to h (N, T, D) with its slice of params (N, width(D))."""
-        chunks = params.unsqueeze(1).split(self.widths(h.shape[-1]), dim=-1)  # each (N, 1, w)
-        return reduce(PairAffine.then, (op.affine(p) for op, p in zip(self.operations, chunks)))(h)
+    def modulate(self, h: torch.Tensor, params: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Apply every operation to h (N, T, D) with its heads' outputs: one (N, w) tensor per head, or all of
+        them side by side as one (N, width(D)) tensor."""
+        if isinstance(params, torch.Tensor):
+            params = params.split(self.widths(h.shape[-1]), dim=-1)
+        parts = iter(p.unsqueeze(1) for p in params)  # each (N, 1, w)
+        affines = (op.affine(*(next(parts) for _ in op.heads)) for op in self.operations)
+        return reduce(PairAffine.then, affines)(h)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from lit_mpdit.conditioning import Conditioning
+from lit_mpdit.conditioning import Conditioning, Head, rotate
 from lit_mpdit.config import MPFlags, parse_size, resolve_mp
 from lit_mpdit.errors import ConfigError
 from lit_mpdit.nn.mp import (
@@ -56,23 +56,28 @@ class DiTConfig:
         return self.input_size // self.patch
 
     @property
-    def block_mod_width(self) -> int:
-        """Head outputs per block: two sub-blocks, each with its strategy and a gate."""
-        return 2 * (self.conditioning.width(self.width) + self.width)
+    def has_bias(self) -> bool:
+        """Standard linear layers with a bias; MP layers never have one (a constant-1 input channel instead)."""
+        return self.mp.bias and not self.mp.weight_norm
+
+    @property
+    def gate_head(self) -> Head:
+        """The gate's head: a scalar per channel, or an angle per channel pair."""
+        return Head("angle", 0.5) if self.mp.gate == "rotation" else Head("zero")
 
 
-def linear(cfg: DiTConfig, fan_in: int, fan_out: int, zero: bool = False) -> nn.Module:
-    """Linear with bias (rung A) or MP linear (rung B up); `zero` heads start at 0 output."""
+def linear(cfg: DiTConfig, fan_in: int, fan_out: int, gain: str = "one", gain_segments: list[int] | None = None) -> nn.Module:
+    """Linear (rung A, with a bias unless `bias` is off) or MP linear (rung B up); `gain="zero"` starts at 0."""
     if cfg.mp.weight_norm:
-        return MPLinear(fan_in, fan_out, gain="zero" if zero else "one", forced=cfg.mp.forced_weight_norm)
-    return nn.Linear(fan_in, fan_out)
+        return MPLinear(fan_in, fan_out, gain=gain, forced=cfg.mp.forced_weight_norm, gain_segments=gain_segments)
+    return nn.Linear(fan_in, fan_out, bias=cfg.has_bias)
 
 
-def activation(cfg: DiTConfig, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """MP SiLU at rung D up; otherwise DiT's GELU(tanh) in MLPs and SiLU elsewhere."""
+def activation(cfg: DiTConfig, x: torch.Tensor, mlp: bool = False) -> torch.Tensor:
+    """MP SiLU at rung D up; otherwise SiLU, and in MLPs DiT's GELU(tanh) unless `mlp_activation` says SiLU."""
     if cfg.mp.mp_silu:
         return mp_silu(x)
-    return F.gelu(x, approximate="tanh") if gelu else F.silu(x)
+    return F.gelu(x, approximate="tanh") if mlp and cfg.mp.mlp_activation == "gelu" else F.silu(x)
 
 
 def normalization(cfg: DiTConfig, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +106,7 @@ class PatchEmbedder(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        fan_in = cfg.in_channels * cfg.patch**2 + int(cfg.mp.weight_norm)  # MP layers have no bias: a ones channel
+        fan_in = cfg.in_channels * cfg.patch**2 + int(not cfg.has_bias)  # no bias: a constant-1 channel instead
         self.proj = linear(cfg, fan_in, cfg.width)
         table = (mp_sincos_table_2d if cfg.mp.mp_pos_enc else sincos_table_2d)(cfg.grid, cfg.width)
         self.register_buffer("pos", torch.from_numpy(table).float()[None], persistent=False)  # (1, T, D)
@@ -110,30 +115,42 @@ class PatchEmbedder(nn.Module):
         p = self.cfg.patch
         n, c, h, w = x.shape
         x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)
-        if self.cfg.mp.weight_norm:
+        if not self.cfg.has_bias:
             x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (N, T, Cp² + 1)
         x = self.proj(x)  # (N, T, D)
         return mp_sum(x, self.pos, MERGE_T) if self.cfg.mp.mp_pos_enc else x + self.pos
 
 
 class TimestepEmbedder(nn.Module):
-    """Time features → 2-layer MLP. MP rungs feed Fourier features of c_noise = ln(σ_t)/4, not raw t."""
+    """Time features → 2-layer MLP. The features (`time_embedding`): DiT's sinusoids of the step; EDM2's MP
+    Fourier features of c_noise = ln(σ_t)/4 (`fourier`) or of the raw step (`fourier_step`, map-dit's final);
+    or a learned table row per step (`table`, map-dit's morph)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.fc1 = linear(cfg, FREQ_CHANNELS, cfg.width)
+        kind, channels = cfg.mp.time_embedding, cfg.mp.time_channels or cfg.width
+        self.channels = channels
+        self.fc1 = linear(cfg, channels, cfg.width)
         self.fc2 = linear(cfg, cfg.width, cfg.width)
-        if cfg.mp.mp_embedding:
-            self.fourier = MPFourier(FREQ_CHANNELS)
+        if kind in ("fourier", "fourier_step"):
+            self.fourier = MPFourier(channels)
+        if kind == "fourier":
             abar = linear_alphas_cumprod(cfg.num_timesteps)
             log_sigma = 0.5 * np.log((1 - abar) / abar)  # σ_t of the equivalent variance-exploding process
             self.register_buffer("c_noise", torch.from_numpy(log_sigma / 4).float(), persistent=False)
+        if kind == "table":
+            self.table = MPEmbedding(cfg.num_timesteps, channels) if cfg.mp.mp_embedding else nn.Embedding(cfg.num_timesteps, channels)
 
     def features(self, t: torch.Tensor) -> torch.Tensor:
-        if self.cfg.mp.mp_embedding:
+        kind = self.cfg.mp.time_embedding
+        if kind == "fourier":
             return self.fourier(self.c_noise[t.long()])  # (N, F)
-        return timestep_sinusoids(t, FREQ_CHANNELS)  # (N, F)
+        if kind == "fourier_step":
+            return self.fourier(t.float())  # (N, F)
+        if kind == "table":
+            return self.table(t.long())  # (N, F)
+        return timestep_sinusoids(t, self.channels)  # (N, F)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.fc2(activation(self.cfg, self.fc1(self.features(t))))  # (N, D)
@@ -173,12 +190,13 @@ class Attention(nn.Module):
         if self.cfg.mp.cosine_attention:
             q, k = rms_normalize(q), rms_normalize(k)
         y = attention(q, k, v)  # (N, H, T, Dh)
-        if self.cfg.mp.cosine_attention:
-            # The output is a convex combination of values, whose RMS falls as attention spreads
-            # (to 1/√T for uniform weights): restore unit RMS per head, or depth erodes the signal
-            # of a normalization-free network.
+        # The output is a convex combination of values, whose RMS falls as attention spreads (to 1/√T for
+        # uniform weights): without a normalization layer depth erodes the signal unless it is restored, per
+        # head before the projection (`heads`) or per token after it (`tokens`, map-dit's final).
+        if self.cfg.mp.attention_output_norm == "heads":
             y = rms_normalize(y)
-        return self.proj(y.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+        out = self.proj(y.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+        return rms_normalize(out) if self.cfg.mp.attention_output_norm == "tokens" else out
 
 
 class MLP(nn.Module):
@@ -190,7 +208,7 @@ class MLP(nn.Module):
         self.fc2 = linear(cfg, hidden, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activation(self.cfg, self.fc1(x), gelu=True))  # (N, T, D)
+        return self.fc2(activation(self.cfg, self.fc1(x), mlp=True))  # (N, T, D)
 
 
 class Block(nn.Module):
@@ -203,34 +221,44 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def residual(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """AdaLN-Zero's x + g·y (zero gate: the block starts as the identity), or the MP sum."""
-        if self.cfg.mp.mp_residual:
-            return mp_sum(x, (1 + gate) * y, RESIDUAL_T)
-        return torch.addcmul(x, gate, y)
+        """x ⊕ gate(y): AdaLN-Zero's x + g·y (a zero gate: the block starts as the identity), an open gate
+        (1 + g)·y, or a rotation of y by the gate's angles; summed plainly or by mp_sum with MP residuals.
+        mp_sum preserves magnitude only while the gated branch keeps unit RMS: a (1 + g) gate does so at
+        initialisation only, a rotation always."""
+        kind = self.cfg.mp.gate
+        if kind == "scalar" and not self.cfg.mp.mp_residual:
+            return torch.addcmul(x, gate, y)
+        gated = rotate(y, gate) if kind == "rotation" else (1 + gate) * y if kind == "one_plus" else gate * y
+        return mp_sum(x, gated, RESIDUAL_T) if self.cfg.mp.mp_residual else x + gated
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        cond, d = self.cfg.conditioning, self.cfg.width
-        w = cond.width(d)
-        attn_mod, attn_gate, mlp_mod, mlp_gate = mod.unsqueeze(1).split([w, d, w, d], dim=-1)  # (N, 1, ·)
-        x = self.residual(x, self.attn(cond.modulate(normalization(self.cfg, x), attn_mod[:, 0])), attn_gate)
-        x = self.residual(x, self.mlp(cond.modulate(normalization(self.cfg, x), mlp_mod[:, 0])), mlp_gate)
+    def forward(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """x (N, T, D); `parts` the block's head outputs: the attention's operations and gate, then the MLP's."""
+        cond, n = self.cfg.conditioning, len(self.cfg.conditioning.heads)
+        attn_mod, attn_gate, mlp_mod, mlp_gate = parts[:n], parts[n], parts[n + 1 : 2 * n + 1], parts[2 * n + 1]
+        x = self.residual(x, self.attn(cond.modulate(normalization(self.cfg, x), attn_mod)), attn_gate.unsqueeze(1))
+        x = self.residual(x, self.mlp(cond.modulate(normalization(self.cfg, x), mlp_mod)), mlp_gate.unsqueeze(1))
         return x  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
-    """Norm, the strategy's modulation (no gate), then the zero-initialised output projection."""
+    """Norm, the strategy's modulation (no gate), then the output projection (zero-initialised unless its
+    MP gain is fixed)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.proj = linear(cfg, cfg.width, cfg.patch**2 * cfg.out_channels, zero=True)
+        gain = "zero" if cfg.mp.output_gain == "learned" else "one"
+        self.proj = linear(cfg, cfg.width, cfg.patch**2 * cfg.out_channels, gain=gain)
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.cfg.conditioning.modulate(normalization(self.cfg, x), mod))  # (N, T, p²·C_out)
+    def forward(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.proj(self.cfg.conditioning.modulate(normalization(self.cfg, x), parts))  # (N, T, p²·C_out)
 
 
 # ----------------------------------------------------------------------------
 # The network.
+
+
+HEAD_LAYERS = {"zero": "modulation", "fixed": "modulation_fixed", "plain": "modulation_plain"}
 
 
 class DiT(nn.Module):
@@ -242,27 +270,72 @@ class DiT(nn.Module):
         self.y_embed = label_embedder(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
-        # The condition is the same for every block: one head computes every block's modulation
-        # (its rows are the per-operation heads φ(c) = Linear(act(c))), in one matrix product.
-        self.mod_widths = [cfg.block_mod_width] * cfg.depth + [cfg.conditioning.width(cfg.width)]
-        self.modulation = linear(cfg, cfg.width, sum(self.mod_widths), zero=True)
+        self.build_heads()
         self.initialize_weights()
+
+    def build_heads(self) -> None:
+        """Every head φ(c) = Linear(act(c)) of every block and of the final layer, as at most three matrix
+        products, one per kind of head: the condition is the same for every block. Each head's rows are a
+        slice of its kind's output; in the MP rungs each zero-initialised head has its own learned gain
+        (`gains: per_head`, as EDM2 and map-dit), or one per block (map-dit's morph), or one for all."""
+        d, angle = self.cfg.width, "zero" if self.cfg.mp.angle_heads == "mp" else "plain"
+        sub_block = [*self.cfg.conditioning.heads, self.cfg.gate_head]
+        groups = [sub_block * 2] * self.cfg.depth + [list(self.cfg.conditioning.heads)]  # per block, then final
+        rows: dict[str, list[tuple[int, int]]] = {kind: [] for kind in HEAD_LAYERS}  # kind → (group, width) per head
+        self.slots: list[list[tuple[str, int, int]]] = []  # per group: (kind, first row, width) of every head
+        for g, heads in enumerate(groups):
+            slots = []
+            for head in heads:
+                kind = angle if head.kind == "angle" else head.kind
+                slots.append((kind, sum(w for _, w in rows[kind]), head.width(d)))
+                rows[kind].append((g, head.width(d)))
+            self.slots.append(slots)
+        for kind, heads in rows.items():
+            if not heads:
+                continue
+            width = sum(w for _, w in heads)
+            if kind == "plain":
+                layer = nn.Linear(d, width, bias=False)
+            elif kind == "fixed":
+                layer = linear(self.cfg, d, width)
+            else:
+                layer = linear(self.cfg, d, width, gain="zero", gain_segments=self.gain_segments(heads))
+            setattr(self, HEAD_LAYERS[kind], layer)
+
+    def gain_segments(self, heads: list[tuple[int, int]]) -> list[int] | None:
+        """Rows per learned gain of the zero-initialised heads ((group, width) each)."""
+        if self.cfg.mp.gains == "shared":
+            return None
+        if self.cfg.mp.gains == "per_head":
+            return [w for _, w in heads]
+        per_group: dict[int, int] = {}
+        for g, w in heads:
+            per_group[g] = per_group.get(g, 0) + w
+        return list(per_group.values())
 
     def initialize_weights(self) -> None:
         """All initialisation in one place. MP layers initialise themselves (N(0, 1), gains 0 or 1)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         if isinstance(self.y_embed, nn.Embedding):
             nn.init.normal_(self.y_embed.weight, std=0.02)
         for fc in (self.t_embed.fc1, self.t_embed.fc2):
             if isinstance(fc, nn.Linear):
                 nn.init.normal_(fc.weight, std=0.02)
-        for head in (self.modulation, self.final.proj):  # every modulation and the output start at zero
+        zero_heads = [getattr(self, HEAD_LAYERS[k], None) for k in ("zero", "plain")] + [self.final.proj]
+        for head in zero_heads:  # every modulation and the output start at zero
             if isinstance(head, nn.Linear):
                 nn.init.zeros_(head.weight)
-                nn.init.zeros_(head.bias)
+                if head.bias is not None:
+                    nn.init.zeros_(head.bias)
+
+    def head_outputs(self, c: torch.Tensor) -> list[list[torch.Tensor]]:
+        """c (N, D) → every head's output (N, w), per block and then the final layer's."""
+        outs = {kind: getattr(self, name)(c) for kind, name in HEAD_LAYERS.items() if hasattr(self, name)}
+        return [[outs[kind].narrow(1, start, w) for kind, start, w in slots] for slots in self.slots]
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c = time ⊕ class embedding, after the activation the modulation heads read."""
@@ -278,10 +351,10 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t (N,) integer steps, y (N,) labels → (N, C_out, H, W)."""
         h = self.patch_embed(x)  # (N, T, D)
-        mods = self.modulation(self.condition(t, y)).split(self.mod_widths, dim=-1)  # per block, then final
-        for block, mod in zip(self.blocks, mods):
-            h = block(h, mod)  # (N, T, D)
-        return self.unpatchify(self.final(h, mods[-1]))  # (N, C_out, H, W)
+        parts = self.head_outputs(self.condition(t, y))  # per block, then final
+        for block, block_parts in zip(self.blocks, parts):
+            h = block(h, block_parts)  # (N, T, D)
+        return self.unpatchify(self.final(h, parts[-1]))  # (N, C_out, H, W)
 
 
 def build_dit(
@@ -307,7 +380,7 @@ def build_dit(
     if input_size % patch:
         divisors = [p for p in (1, 2, 4, 8) if input_size % p == 0]
         raise ConfigError(f"model.size: patch size {patch} does not divide the input size {input_size}; allowed patch sizes: {divisors}")
-    if any(op.name == "rotation" for op in strategy.operations) and width % 2:
+    if (any(op.name == "rotation" for op in strategy.operations) or flags.gate == "rotation") and width % 2:
         raise ConfigError(f"model.conditioning: a rotation pairs channels and needs an even width, got {width}")
     for name, value in (("input_size", input_size), ("in_channels", in_channels), ("num_classes", num_classes)):
         if value < 1:

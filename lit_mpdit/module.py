@@ -1,15 +1,17 @@
 """The LightningModule: a ready-built DiT, the diffusion loss, optimizer presets per family, sampling."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
 
-from lit_mpdit.config import resolve_mp
+from lit_mpdit.config import paper_variant, resolve_mp
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
 from lit_mpdit.dit import DiT, build_dit
 from lit_mpdit.errors import ConfigError, check_choice
@@ -25,14 +27,24 @@ class OptimizerPreset:
     lr: float  # peak learning rate
     betas: tuple[float, float]
     weight_decay: float
-    warmup_steps: int  # linear ramp from 0 to lr
-    decay_steps: int | None  # lr ∝ 1/√(step / decay_steps) after this many steps (EDM2); None = constant
+    warmup: Fraction  # linear ramp from 0 to lr over this fraction of the run's steps
+    decay: Fraction | None  # lr ∝ 1/√(step / s) from step s = this fraction of the run; None = constant
+    clip: float | None = None  # gradient-norm clipping
+    lr_standard: float | None = None  # the peak learning rate for standard (non-MP) models, where it differs
+
+    def steps(self, max_steps: int) -> tuple[int, int | None]:
+        """(warm-up steps, decay start) of a run of `max_steps`: the same shape at 300 steps as at 400K."""
+        return int(max_steps * self.warmup), None if self.decay is None else int(max_steps * self.decay)
 
 
-# The standard DiT recipe (Peebles & Xie 2023) and EDM2's for magnitude-preserving networks.
+# The standard DiT recipe (Peebles & Xie 2023), EDM2's optimizer for magnitude-preserving networks with the
+# paper's schedule shape, and the paper's own protocol for every model (map-dit's train.py on every branch:
+# Adam (0.9, 0.99), warm-up over steps/150, inverse-square-root decay from steps/10, gradient norm clipped at
+# 0.1), which lets a grid hold the optimizer fixed across families.
 OPTIMIZER_PRESETS: dict[str, OptimizerPreset] = {
-    "standard": OptimizerPreset("adamw", 1e-4, (0.9, 0.999), 0.0, 0, None),
-    "mp": OptimizerPreset("adam", 1e-2, (0.9, 0.99), 0.0, 200, 2000),
+    "standard": OptimizerPreset("adamw", 1e-4, (0.9, 0.999), 0.0, Fraction(0), None),
+    "mp": OptimizerPreset("adam", 1e-2, (0.9, 0.99), 0.0, Fraction(1, 150), Fraction(1, 10)),
+    "paper": OptimizerPreset("adam", 1e-2, (0.9, 0.99), 0.0, Fraction(1, 150), Fraction(1, 10), clip=0.1, lr_standard=1e-4),
 }
 
 
@@ -41,6 +53,24 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int | None) -> float:
     ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     decay = 1.0 / math.sqrt(max(step / decay_steps, 1.0)) if decay_steps else 1.0
     return ramp * decay
+
+
+def model_design(
+    variant: str | None, conditioning: str | None, mp: str | None, norm: str | None, flags: dict | None
+) -> dict[str, object]:
+    """build_dit's design arguments from a paper variant and explicit options; an explicit option that
+    contradicts the variant is refused, not dropped."""
+    explicit = {k: v for k, v in dict(flags or {}, conditioning=conditioning, mp=mp, norm=norm).items() if v is not None}
+    design = {"conditioning": "adaln", "mp": "A"} if variant is None else paper_variant(variant)
+    for key, value in explicit.items():
+        if variant is not None and key in design and design[key] != value:
+            option = key if key in ("conditioning", "mp", "norm") else f"flags.{key}"
+            raise ConfigError(
+                f"model.{option}: {value!r} contradicts model.variant {variant!r}, which sets {design[key]!r}; drop one of them"
+            )
+    design |= explicit
+    conditioning, mp = design.pop("conditioning"), design.pop("mp")
+    return {"conditioning": conditioning, "mp": resolve_mp(mp, **design)}
 
 
 class DiffusionModule(L.LightningModule):
@@ -52,8 +82,9 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         size: str = "C/4",  # "<T|C|XS|S|B|L|XL>/<patch>"
-        conditioning: str = "adaln",  # adaln, shift, scale, rotation, rotation+scale, or any '+' combination
-        mp: str = "A",  # rung of the magnitude-preserving ladder, A (standard DiT) … E (full MP DiT)
+        conditioning: str | None = None,  # adaln (None: the variant's, else adaln), shift, scale, rotation, rotation+scale, mpshift, '+' combinations
+        mp: str | None = None,  # rung of the magnitude-preserving ladder, A (standard DiT; None: the variant's, else A) … E
+        variant: str | None = None,  # a model of the paper's code (config.PAPER_VARIANTS), e.g. final, old-mod_opts/rotation+scale
         norm: str | None = None,  # override the rung's normalization: layernorm, rmsnorm, none
         flags: dict[str, bool] | None = None,  # override single MP flags, e.g. {cosine_attention: true}
         input_size: int = 28,  # image (or latent) side; linked from the data
@@ -62,10 +93,10 @@ class DiffusionModule(L.LightningModule):
         learn_sigma: bool = True,  # learned variance, trained with L_vlb
         class_dropout: float = 0.1,  # probability of the null class while training (for guidance)
         num_timesteps: int = 1000,  # T
-        optimizer: str = "auto",  # auto (preset of the model's family), standard, mp
+        optimizer: str = "auto",  # auto (preset of the model's family), standard, mp, paper (map-dit's, for either family)
         lr: float | None = None,  # None = the preset's
-        warmup_steps: int | None = None,  # None = the preset's
-        decay_steps: int | None = None,  # None = the preset's; 0 = constant
+        warmup_steps: int | None = None,  # None = the preset's fraction of max_steps
+        decay_steps: int | None = None,  # decay start; None = the preset's fraction of max_steps; 0 = constant
         sample_steps: int = 50,  # sampling steps for grids and `sample`
         sampler: str = "ddpm",  # ddpm or ddim
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
@@ -75,18 +106,14 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_choice("model.optimizer", optimizer, ["auto", *OPTIMIZER_PRESETS])
+        if variant is not None:
+            paper_variant(variant)  # an unknown name: one line naming the allowed ones
         check_choice("model.sampler", sampler, SAMPLERS)
         if not 0.0 <= class_dropout < 1.0:
             raise ConfigError(f"model.class_dropout: must be in [0, 1), got {class_dropout}")
-        overrides = dict(flags or {}, norm=norm)
+        design = model_design(variant, conditioning, mp, norm, flags)
         self.net: DiT = build_dit(
-            size,
-            input_size=input_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
-            conditioning=conditioning,
-            mp=resolve_mp(mp, **overrides),
+            size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma, **design
         )
         self.diffusion = GaussianDiffusion(num_timesteps, learn_sigma=learn_sigma)
         if compile:
@@ -97,24 +124,40 @@ class DiffusionModule(L.LightningModule):
         return self.hparams.num_classes
 
     def preset(self) -> OptimizerPreset:
-        name = self.net.cfg.mp.family if self.hparams.optimizer == "auto" else self.hparams.optimizer
-        p = OPTIMIZER_PRESETS[name]
+        """The optimizer preset with this module's overrides, its learning rate the one of the model's family."""
+        family = self.net.cfg.mp.family
+        p = OPTIMIZER_PRESETS[family if self.hparams.optimizer == "auto" else self.hparams.optimizer]
+        lr = p.lr_standard if family == "standard" and p.lr_standard is not None else p.lr
+        return dataclasses.replace(p, lr=lr if self.hparams.lr is None else self.hparams.lr)
+
+    def schedule(self, max_steps: int) -> tuple[int, int | None]:
+        """(warm-up steps, decay start) for a run of `max_steps`: the preset's fractions unless set in steps."""
         h = self.hparams
-        return OptimizerPreset(
-            p.algorithm,
-            p.lr if h.lr is None else h.lr,
-            p.betas,
-            p.weight_decay,
-            p.warmup_steps if h.warmup_steps is None else h.warmup_steps,
-            p.decay_steps if h.decay_steps is None else (h.decay_steps or None),
-        )
+        warmup, decay = self.preset().steps(max_steps)
+        return (warmup if h.warmup_steps is None else h.warmup_steps, decay if h.decay_steps is None else (h.decay_steps or None))
+
+    def run_steps(self) -> int:
+        """The optimizer steps of the run being trained (the schedule's denominator)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0
+        return trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
 
     def configure_optimizers(self):
         p = self.preset()
+        warmup, decay = self.schedule(self.run_steps())
         cls = torch.optim.AdamW if p.algorithm == "adamw" else torch.optim.Adam
-        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=True)  # one kernel per step
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p.warmup_steps, p.decay_steps))
+        # One fused kernel per step; Lightning's mixed precision refuses to clip the gradients of a fused optimizer.
+        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=p.clip is None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, decay))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The preset's gradient-norm clipping (map-dit clips at 0.1), unless the trainer sets its own."""
+        clip = self.preset().clip
+        if gradient_clip_val is None and clip is not None:
+            gradient_clip_val, gradient_clip_algorithm = clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, y)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS, Conditioning, PairAffine, rotate, rotation, scale, shift
+from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS, Conditioning, PairAffine, mpshift, rotate, rotation, scale, shift
 from lit_mpdit.errors import ConfigError
 
 ALL = [*NAMED_STRATEGIES, *OPERATIONS, "scale+shift+rotation"]
+IDENTITY_AT_ZERO = [name for name in ALL if all(op.identity_at_zero for op in Conditioning.parse(name).operations)]
 
 
 @settings(deadline=None, max_examples=50)
@@ -35,7 +36,7 @@ def test_rotation_is_a_pairwise_2d_rotation_and_inverts():
     torch.testing.assert_close(rotate(h, quarter), torch.cat([-h[..., 4:], h[..., :4]], dim=-1))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IDENTITY_AT_ZERO)
 def test_every_strategy_is_identity_with_zero_head(name):
     cond = Conditioning.parse(name)
     h = torch.randn(4, 6, 32)
@@ -93,3 +94,29 @@ def test_composed_affine_equals_applying_the_operations_one_by_one(seed, order):
     for step in steps:
         composed, expected = composed.then(step), step(expected)
     torch.testing.assert_close(composed(h), expected)
+
+
+def test_only_the_mp_shift_is_not_the_identity_at_zero():
+    assert [name for name in ALL if name not in IDENTITY_AT_ZERO] == ["mpshift"]
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 10_000), psi=st.floats(-8.0, 8.0))
+def test_mp_shift_is_a_magnitude_preserving_blend_starting_at_a_tenth(seed, psi):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(64, 16, 256, generator=g, dtype=torch.float64)  # unit RMS
+    b = torch.randn(64, 1, 256, generator=g, dtype=torch.float64)  # unit RMS, independent of h
+    out = mpshift(b, torch.full((64, 1, 1), psi, dtype=torch.float64))(h)
+    assert out.square().mean().sqrt().item() == pytest.approx(1.0, abs=0.03)
+    t = 0.1  # ψ = 0 is the blend map-dit starts from: sigmoid(logit(0.1))
+    expected = ((1 - t) * h + t * b) / math.sqrt((1 - t) ** 2 + t**2)
+    torch.testing.assert_close(mpshift(b, torch.zeros(64, 1, 1, dtype=torch.float64))(h), expected)
+
+
+def test_final_strategy_rotates_then_blends_the_shift():
+    cond = Conditioning.parse("rotation+mpshift")
+    h = torch.randn(2, 3, 8)
+    th, b, psi = torch.randn(2, 4), torch.randn(2, 8), torch.randn(2, 1)
+    expected = mpshift(b[:, None], psi[:, None])(rotate(h, th[:, None]))
+    torch.testing.assert_close(cond.modulate(h, [th, b, psi]), expected)
+    assert cond.widths(8) == [4, 8, 1]

@@ -62,7 +62,7 @@ def test_every_rung_and_strategy_runs_forward_and_backward(rung, conditioning):
 def test_rung_a_blocks_are_identities_at_initialisation(conditioning):
     model = tiny(conditioning, "A")
     h = torch.randn(2, 4, 128)
-    mods = model.modulation(model.condition(torch.tensor([3, 7]), torch.tensor([1, 2]))).split(model.mod_widths, dim=-1)
+    mods = model.head_outputs(model.condition(torch.tensor([3, 7]), torch.tensor([1, 2])))
     for block, mod in zip(model.blocks, mods):
         torch.testing.assert_close(block(h, mod), h, rtol=0, atol=0)  # AdaLN-Zero: zero gates
 
@@ -70,10 +70,10 @@ def test_rung_a_blocks_are_identities_at_initialisation(conditioning):
 def block_output_rms(model, tokens: int = 64, n: int = 16) -> list[float]:
     torch.manual_seed(1)
     h = torch.randn(n, tokens, model.cfg.width)  # unit-variance tokens
-    mods = model.modulation(model.condition(torch.randint(0, 1000, (n,)), torch.randint(0, 5, (n,))))
     rms = []
     with torch.no_grad():
-        for block, mod in zip(model.blocks, mods.split(model.mod_widths, dim=-1)):
+        mods = model.head_outputs(model.condition(torch.randint(0, 1000, (n,)), torch.randint(0, 5, (n,))))
+        for block, mod in zip(model.blocks, mods):
             h = block(h, mod)
             rms.append(h.square().mean().sqrt().item())
     return rms
@@ -97,9 +97,10 @@ def test_ladder_is_cumulative():
     rungs = list(LADDER.values())
     for lower, higher in zip(rungs, rungs[1:]):
         for field in dataclasses.fields(lower):
-            if isinstance(getattr(lower, field.name), bool) and getattr(lower, field.name):
+            if field.name != "bias" and isinstance(getattr(lower, field.name), bool) and getattr(lower, field.name):
                 assert getattr(higher, field.name), f"{field.name} lost going up the ladder"
     assert rungs[0].norm == "layernorm" and rungs[-1].norm == "none"
+    assert rungs[0].bias and not any(r.bias for r in rungs[1:])  # MP layers trade the bias for a constant-1 channel
 
 
 def test_flags_override_the_rung():

@@ -52,6 +52,44 @@ def test_lr_schedule_warms_up_then_decays_as_inverse_square_root():
     assert lr_factor(5000, 0, None) == 1.0
 
 
+@pytest.mark.parametrize("mp", ["A", "E"])
+def test_paper_preset_schedule_is_the_formula_at_every_run_length(mp):
+    # map-dit's train.py: lr ∝ min(1, (s + 1)/(N/150)) until N/10, then 1/√(s/(N/10)); Adam (0.9, 0.99).
+    module = DiffusionModule(size="T/4", mp=mp, optimizer="paper")
+    peak = 1e-2 if mp == "E" else 1e-4
+    for n in (300, 3000, 400_000):
+        module.run_steps = lambda n=n: n
+        opt = module.configure_optimizers()
+        factor = opt["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        warmup, decay = n // 150, n // 10
+        assert module.schedule(n) == (warmup, decay)
+        for step, expected in ((0, 1 / warmup), (warmup, 1.0), (decay, 1.0), (n, 1 / math.sqrt(n / decay))):
+            assert opt["optimizer"].defaults["lr"] * factor(step) == pytest.approx(peak * expected), (n, step)
+        assert isinstance(opt["optimizer"], torch.optim.Adam) and opt["optimizer"].defaults["betas"] == (0.9, 0.99)
+    assert DiffusionModule(size="T/4", mp=mp, optimizer="paper", warmup_steps=7).schedule(3000) == (7, 300)  # in steps
+
+
+class GradNorm(L.Callback):
+    """The total gradient norm the optimizer stepped with (gradients survive until the next backward)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+
+@pytest.mark.parametrize("optimizer, clipped", [("paper", True), ("auto", False)])
+def test_paper_preset_clips_the_gradient_norm_at_a_tenth(optimizer, clipped):
+    L.seed_everything(0)
+    data = FashionMNISTSampleDataModule(batch_size=32, val_size=32)
+    model = DiffusionModule(size="T/4", mp="A", optimizer=optimizer)
+    norms = GradNorm()
+    trainer(max_steps=4, limit_val_batches=0, callbacks=[norms], precision="bf16-mixed").fit(model, datamodule=data)
+    assert (max(norms.norms) <= 0.1 * (1 + 1e-4)) == clipped, norms.norms
+
+
 def test_non_finite_loss_stops_the_run_with_a_clear_message():
     data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
     model = DiffusionModule(size="T/4", mp="A")

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ablations.sweep import HERE, Cell, grid_cells, load_profile, load_yaml, sweep
+from ablations.sweep import HERE, Cell, cell_config, grid_cells, load_profile, load_yaml, sweep, validate_grid
+from lit_mpdit.conditioning import Conditioning
+from lit_mpdit.config import GRID_MP_VALUES, LADDER, PAPER_VARIANTS
 from lit_mpdit import build_dit
 from lit_mpdit.errors import ConfigError
 
@@ -27,7 +29,28 @@ def test_grid_holds_the_ladder_and_the_strategies_once_each():
     assert all(Cell.from_id(i).id == i for i in ids)
 
 
-@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("mp", GRID_MP_VALUES)
+def test_a_cell_names_a_rung_or_a_branch_of_the_papers_code(mp):
+    from lit_mpdit.module import DiffusionModule
+
+    conditioning = {"final": "rotation+mpshift", "old-mod_opts": "rotation+scale"}.get(mp, "adaln")
+    cell = Cell(conditioning, mp, 3)
+    assert Cell.from_id(cell.id) == cell and "/" not in cell.id  # the id names a folder
+    config = cell_config(load_profile("smoke"), cell, Path("/tmp/unused"), None, None, "")
+    module = DiffusionModule(**config["model"] | {"size": "T/4", "sample_steps": 10})
+    expected = PAPER_VARIANTS.get(f"{mp}/{conditioning}", PAPER_VARIANTS.get(mp, {"conditioning": conditioning}))
+    assert module.net.cfg.conditioning == Conditioning.parse(str(expected["conditioning"]))
+    if mp not in LADDER:
+        assert config["model"]["variant"] == (f"{mp}/{conditioning}" if mp == "old-mod_opts" else mp)
+        assert "conditioning" not in config["model"] and "mp" not in config["model"]
+
+
+def test_a_branch_refuses_a_strategy_it_does_not_build():
+    with pytest.raises(ConfigError, match="grid conditioning: final does not build 'adaln'; allowed: rotation\\+mpshift"):
+        validate_grid([Cell("adaln", "final", 0)])
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "calibration", "paper"])
 def test_every_profile_gives_every_cell_the_same_budget(profile):
     p = load_profile(profile)
     assert p["fit"]["trainer"]["max_steps"] > 0 and p["eval"]["n_fake"] >= 2
@@ -35,7 +58,7 @@ def test_every_profile_gives_every_cell_the_same_budget(profile):
 
 
 def test_bad_sweep_options_are_refused_before_work(tmp_path):
-    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'paper'"):
+    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'calibration', 'paper'"):
         sweep("huge", tmp_path / "a", None, None, "grid", None, None)
     with pytest.raises(ConfigError, match="--cells: unknown cells \\['nope-A-s0'\\]"):
         sweep("smoke", tmp_path / "b", None, None, "grid", None, ["nope-A-s0"])

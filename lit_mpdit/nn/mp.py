@@ -6,6 +6,7 @@ Functions where there are no weights; modules only where there are.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ def row_scale(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _ScaledRowNormalize(torch.autograd.Function):
-    """gain · normalize(w) / √fan_in for a 2-D weight (Eq. 66), with a hand-written backward.
+    """gain · normalize(w) / √fan_in for a 2-D weight (Eq. 66), with a hand-written backward. `gain` is a scalar
+    or one per row, (out, 1).
 
     Autograd through `normalize` walks the whole weight about ten times per step (square, mean, sqrt,
     division and their backward): for a DiT with few tokens per image, whose time goes to the weights,
@@ -101,19 +103,21 @@ class _ScaledRowNormalize(torch.autograd.Function):
         rms, base = row_scale(w, eps)
         scale = base if gain is None else base * gain
         ctx.save_for_backward(w, rms, base, scale)
-        ctx.eps = eps
+        ctx.eps, ctx.gain_ndim = eps, None if gain is None else gain.ndim
         return w * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w, rms, base, scale = ctx.saved_tensors
+        gain_ndim = ctx.gain_ndim
         dot = torch.einsum("oi,oi->o", grad, w).unsqueeze(1)  # (out, 1): ḡ·w per row, without a weight-sized product
         grad_w = grad_gain = None
         if ctx.needs_input_grad[0]:
             radial = scale * dot / ((rms + ctx.eps) * w.shape[1] * rms.clamp_min(torch.finfo(rms.dtype).tiny))
             grad_w = (grad * scale).addcmul_(w, radial, value=-1)  # the part along w is removed (Eq. 66's projection)
         if ctx.needs_input_grad[1]:
-            grad_gain = (base * dot).sum()
+            grad_gain = base * dot  # (out, 1): per row
+            grad_gain = grad_gain.sum() if gain_ndim == 0 else grad_gain
         return grad_w, grad_gain, None
 
 
@@ -130,25 +134,49 @@ class MPLinear(nn.Module):
         self,
         in_features: int,  # fan-in
         out_features: int,  # number of output rows
-        gain: str = "one",  # "one" = fixed 1, "learned" = learned scalar from 1, "zero" = learned scalar from 0
+        gain: str = "one",  # "one" = fixed 1, "learned" = learned from 1, "zero" = learned from 0
         forced: bool = True,  # forced weight normalization while training
+        gain_segments: Sequence[int] | None = None,  # learned gains: one per run of rows of these sizes; None = one
     ):
         super().__init__()
         self.in_features, self.out_features, self.forced = in_features, out_features, forced
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self.gain = None if gain == "one" else nn.Parameter(torch.full([], 0.0 if gain == "zero" else 1.0))
+        if gain_segments is not None and sum(gain_segments) != out_features:
+            raise ValueError(f"gain segments {list(gain_segments)} do not add up to {out_features} rows")
+        shape = [] if gain_segments is None else [len(gain_segments)]
+        self.gain = None if gain == "one" else nn.Parameter(torch.full(shape, 0.0 if gain == "zero" else 1.0))
+        self.register_buffer(
+            "gain_index",
+            None
+            if gain_segments is None
+            else torch.arange(len(gain_segments)).repeat_interleave(torch.tensor(gain_segments), output_size=out_features),
+            persistent=False,
+        )  # (out,): the gain of every row
         self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None  # (parameter versions, weight) at evaluation
+
+    def row_gain(self) -> torch.Tensor | None:
+        """The gain as a scalar, or one per row (out, 1); None when fixed at 1."""
+        if self.gain is None or self.gain_index is None:
+            return self.gain
+        return self.gain[self.gain_index].unsqueeze(1)  # a gather of a few hundred values: free next to the matmul
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the heads had a gain each hold one gain for all rows: give it to every head.
+        key = prefix + "gain"
+        if self.gain is not None and key in state_dict and state_dict[key].shape != self.gain.shape and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].expand(self.gain.shape).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def effective_weight(self) -> torch.Tensor:
         """gain · normalize(w) / √fan_in: the weight a unit-variance input sees."""
         if self.training or torch.is_grad_enabled():
-            return _ScaledRowNormalize.apply(self.weight, self.gain, self.eps)
+            return _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps)
         # Sampling runs the same weights hundreds of times: normalize once per parameter version.
         params = [self.weight] if self.gain is None else [self.weight, self.gain]
         key = tuple(v for p in params for v in (p.data_ptr(), p._version))
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, _ScaledRowNormalize.apply(self.weight, self.gain, self.eps))
+                self._cached = (key, _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps))
         return self._cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,12 +187,13 @@ class MPLinear(nn.Module):
             # Fewer input rows than fan-in (a modulation head sees one row per image): scaling the outputs
             # costs less than scaling every weight, and the weight's gradient is the plain matmul's.
             y = F.linear(x, self.weight)  # (..., out)
-            scale = row_scale(self.weight, self.eps)[1][:, 0]
-            return y * (scale if self.gain is None else scale * self.gain).to(y.dtype)
+            scale = row_scale(self.weight, self.eps)[1]  # (out, 1)
+            gain = self.row_gain()
+            return y * (scale if gain is None else scale * gain)[:, 0].to(y.dtype)
         return F.linear(x, self.effective_weight())
 
     def extra_repr(self) -> str:
-        gain = "one" if self.gain is None else "learned"
+        gain = "one" if self.gain is None else "learned" if self.gain.ndim == 0 else f"learned x{self.gain.numel()}"
         return f"{self.in_features}, {self.out_features}, gain={gain}, forced={self.forced}"
 
 
