@@ -12,6 +12,8 @@ from typing import Any
 
 import matplotlib
 
+from ablations.claims import t_quantile_975, write_claims
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -45,15 +47,9 @@ def load_results(out: Path, cells: list[str], crashed: dict[str, str] | None = N
     return pd.DataFrame(rows)
 
 
-def t_quantile_975(dof: int) -> float:
-    """Two-sided 95% Student-t quantile (scipy is a dependency of the metrics anyway)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, dof))
-
-
 def fid_table(results: pd.DataFrame, baseline: dict[str, str]) -> pd.DataFrame:
-    """FID per (conditioning, rung): one seed → its bootstrap interval; several → a t-interval over seeds."""
+    """FID per (conditioning, rung): one seed → its bootstrap interval; several → the mean and a 95% t-interval
+    over seeds, with the runs' mean bootstrap half-width beside it."""
     rows = []
     for (conditioning, mp), group in results.groupby(["conditioning", "mp"], sort=False):
         done = group[group.status == "complete"]
@@ -68,6 +64,8 @@ def fid_table(results: pd.DataFrame, baseline: dict[str, str]) -> pd.DataFrame:
             mean, sem = done.fid.mean(), done.fid.std(ddof=1) / math.sqrt(len(done))
             half = t_quantile_975(len(done) - 1) * sem
             row |= {"fid": mean, "ci_low": mean - half, "ci_high": mean + half, "status": "complete"}
+        if len(done):  # the sampling-only uncertainty of one run, beside the interval over seeds
+            row["bootstrap_half_width"] = ((done.fid_hi - done.fid_lo) / 2).mean()
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[(table.conditioning == baseline["conditioning"]) & (table.mp == baseline["mp"])].fid
@@ -210,6 +208,62 @@ def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | Non
     plt.close(fig)
 
 
+def fid_curves(out: Path, cells: list[str]) -> pd.DataFrame:
+    """FID logged during training (`val/fid`, the profile's `fid_curve`), one row per (cell, step)."""
+    rows = []
+    for cell in cells:
+        metrics = read_metrics(out, cell)
+        if metrics is None or "val/fid" not in metrics:
+            continue
+        parsed = cell_of(cell)
+        for step, fid in metrics[["step", "val/fid"]].dropna().itertuples(index=False):
+            rows.append({"cell": cell, "conditioning": parsed.conditioning, "mp": parsed.mp, "seed": parsed.seed, "step": int(step), "fid": fid})
+    return pd.DataFrame(rows, columns=["cell", "conditioning", "mp", "seed", "step", "fid"])
+
+
+def curve_means(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (conditioning, rung, step): the mean FID over seeds and its 95% t-interval (none for one seed)."""
+    rows = []
+    for (conditioning, mp, step), group in curves.groupby(["conditioning", "mp", "step"], sort=False):
+        mean, n = group.fid.mean(), len(group)
+        half = t_quantile_975(n - 1) * group.fid.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+        rows.append({"conditioning": conditioning, "mp": mp, "step": step, "fid": mean, "lo": mean - half, "hi": mean + half, "seeds": n})
+    return pd.DataFrame(rows, columns=["conditioning", "mp", "step", "fid", "lo", "hi", "seeds"])
+
+
+def steps_to_baseline(means: pd.DataFrame, baseline: dict[str, str]) -> dict[tuple[str, str], float]:
+    """The first logged step at which each cell's mean curve reaches the baseline's FID at the baseline's last
+    logged step (the same protocol on both sides, unlike the final evaluation's larger N)."""
+    base = means[(means.conditioning == baseline["conditioning"]) & (means.mp == baseline["mp"])].sort_values("step")
+    if base.empty:
+        return {}
+    target = base.fid.iloc[-1]
+    out = {}
+    for (conditioning, mp), group in means.groupby(["conditioning", "mp"], sort=False):
+        reached = group.sort_values("step")
+        reached = reached[reached.fid <= target]
+        out[(conditioning, mp)] = float(reached.step.iloc[0]) if len(reached) else math.nan
+    return out
+
+
+def plot_fid_curves(means: pd.DataFrame, path: Path) -> None:
+    """FID against training steps per cell: the mean over seeds, with its 95% interval where there are seeds."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (conditioning, mp), group in means.groupby(["conditioning", "mp"], sort=False):
+        group = group.sort_values("step")
+        line = ax.plot(group.step, group.fid, marker="o", ms=3, label=f"{label(conditioning, mp)} ({group.seeds.max()} seeds)")
+        if group.seeds.max() > 1:
+            ax.fill_between(group.step, group.lo, group.hi, color=line[0].get_color(), alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("FID (curve protocol)")
+    ax.set_yscale("log")
+    ax.set_title("Convergence: FID during training, mean over seeds ± 95% interval")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(study, out: Path, profile: str, baseline: dict[str, str], crashed: dict[str, str] | None = None) -> Path:
     """Every table and plot of the sweep into `out` (the cells' results stay in out/cells); `crashed` names the
     cells that failed without a result and why."""
@@ -219,6 +273,12 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
         cells = sorted(p.name for p in (out / "cells").iterdir())
     results = load_results(out, cells, crashed)
     fids, params = fid_table(results, baseline), params_table(results)
+    means = curve_means(fid_curves(out, cells))
+    if not means.empty:
+        reached = steps_to_baseline(means, baseline)
+        fids["steps_to_baseline"] = [reached.get((c, m), math.nan) for c, m in zip(fids.conditioning, fids.mp)]
+        plot_fid_curves(means, out / "fid_curves.png")
+        means.to_csv(out / "fid_curves.csv", index=False)
     write_table(fids, out / "fid_table")
     write_table(params, out / "params_table")
     if fids.fid.notna().any():
@@ -227,6 +287,8 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
     plot_curves(out, grid, cells, "train/loss", "training loss (smoothed)", out / "loss_curves.png")
     plot_magnitudes(out, cells, out / "magnitude_curves.png")
     results.to_csv(out / "cells.csv", index=False)
+    if "fid" in results:
+        write_claims(results, out)
     return out
 
 
@@ -241,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         print(argv[1])
         return
     out = Path(argv[0] if argv else "results/ablations/cpu")
+    from ablations.sweep import relocate_artifacts
+
+    relocate_artifacts(out)  # a clone's copy of a sweep: its MLflow runs find their artifacts here
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
     run = out / "sweep_run.json"
     crashed = json.loads(run.read_text()).get("crashed") if run.exists() else None

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,16 @@ def validate_grid(cells: list[Cell]) -> None:
     for cell in cells:
         Conditioning.parse(cell.conditioning)
         grid_design(cell.conditioning, cell.mp)
+
+
+def buildable(cell_id: str) -> bool:
+    """Whether a cell id names a model that builds (a strategy with a rung, or with a branch that builds it)."""
+    try:
+        cell = Cell.from_id(cell_id)
+        validate_grid([cell])
+        return cell.id == cell_id
+    except (ConfigError, ValueError):
+        return False
 
 
 def check_data(profile: dict[str, Any]) -> None:
@@ -385,18 +395,32 @@ def cell_states(study) -> dict[str, set[str]]:
     return states
 
 
-def run_grid(study, objective, cells: list[str]) -> None:
-    """Run grid points until every cell is finished, here or by other workers on the same storage.
+def progress_line(done: int, total: int, running: int, done_here: int, started: float) -> str:
+    """'[grid] 5/21 cells finished (2 this run), 1 running, 31.2 min elapsed, ETA 98 min': the ETA from the
+    pace of the cells this invocation finished (none yet: unknown)."""
+    elapsed = (time.time() - started) / 60
+    eta = f"ETA {elapsed / done_here * (total - done):.0f} min" if done_here and done < total else "ETA unknown" if done < total else "done"
+    return f"[grid] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed, {eta}"
+
+
+def run_grid(study, objective, cells: list[str], started: float | None = None) -> None:
+    """Run grid points until every cell is finished, here or by other workers on the same storage, printing one
+    progress line (cells finished, elapsed time, ETA) per cell.
 
     Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
     found stale by the heartbeat) are queued again; cells running elsewhere are waited for.
     """
     import optuna
 
+    started = time.time() if started is None else started
+    finished_before = None
     while True:
         optuna.storages.fail_stale_trials(study)
         states = cell_states(study)
         todo = [c for c in cells if c not in states["finished"]]
+        done = len(cells) - len(todo)
+        finished_before = done if finished_before is None else finished_before
+        print(progress_line(done, len(cells), len(states["running"]), done - finished_before, started), flush=True)
         if not todo:
             return
         idle = [c for c in todo if c not in states["running"] | states["queued"]]
@@ -404,7 +428,6 @@ def run_grid(study, objective, cells: list[str]) -> None:
         for cell in idle:
             if cell in tried:  # crashed or yielded before: the grid will not offer it again
                 study.enqueue_trial({"cell": cell}, skip_if_exists=False)
-        print(f"[sweep] {len(cells) - len(todo)}/{len(cells)} cells finished, {len(states['running'])} running", flush=True)
         if idle or states["queued"]:
             study.optimize(objective, n_trials=1, catch=(Exception,))
         else:
@@ -425,14 +448,20 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     import mlflow
     import optuna
 
+    from lit_mpdit.config import GRID_MP_VALUES
+
     profile = load_profile(profile_name)
     check_choice("--mode", mode, MODES)
     cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"])
-    if cells_filter:
-        unknown = set(cells_filter) - {c.id for c in cells}
+    if cells_filter:  # the grid's cells, or any other cell whose model builds (e.g. a branch of the paper's code)
+        grid_ids = {c.id for c in cells}
+        unknown = sorted(c for c in set(cells_filter) - grid_ids if not buildable(c))
         if unknown:
-            raise ConfigError(f"--cells: unknown cells {sorted(unknown)}; allowed: {', '.join(c.id for c in cells)}")
-        cells = [c for c in cells if c.id in cells_filter]
+            raise ConfigError(
+                f"--cells: unknown cells {unknown}; allowed: {', '.join(c.id for c in cells)}, or "
+                f"<conditioning>-<rung or branch: {', '.join(GRID_MP_VALUES)}>-s<seed>"
+            )
+        cells = [c for c in cells if c.id in cells_filter] + [Cell.from_id(c) for c in dict.fromkeys(cells_filter) if c not in grid_ids]
     validate_grid(cells)
     check_data(profile)
     make_out(out)
@@ -456,7 +485,7 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
         if mode == "grid":
-            run_grid(study, objective, ids)
+            run_grid(study, objective, ids, started)
         else:
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         crashed = crashed_cells(study)
@@ -468,6 +497,27 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     return report_dir
 
 
+def relocate_artifacts(out: Path) -> None:
+    """Point the sweep folder's own MLflow store (out/mlflow.db) at its own out/mlartifacts/.
+
+    MLflow records artifact locations as absolute file URIs of the machine that ran the sweep; a clone or a
+    copy of the folder elsewhere would list the runs without their grids, tables and plots. Every location
+    under a folder named mlartifacts is rewritten to this folder's (a no-op where they already agree).
+    """
+    import sqlite3
+
+    db = out / "mlflow.db"
+    if not db.exists():
+        return
+    here = (out / "mlartifacts").resolve().as_uri()
+    with closing(sqlite3.connect(db)) as con, con:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            for rowid, uri in con.execute(f"SELECT rowid, {column} FROM {table}").fetchall():
+                if uri and "/mlartifacts" in uri and not uri.startswith(here):
+                    rest = uri[uri.index("/mlartifacts") + len("/mlartifacts") :]
+                    con.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", (here + rest, rowid))
+
+
 def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str]):
     """Create or load the Optuna study and the MLflow experiment, one worker at a time: workers started
     together would otherwise create the same SQLite schemas at once, and one of them would crash."""
@@ -475,6 +525,8 @@ def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str,
     import optuna
 
     with exclusive(out / ".init.lock"):
+        if tracking_uri == f"sqlite:///{out / 'mlflow.db'}":
+            relocate_artifacts(out)
         study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
         study.set_user_attr("cells", cells)
         mlflow.set_tracking_uri(tracking_uri)

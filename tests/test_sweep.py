@@ -45,6 +45,16 @@ def test_a_cell_names_a_rung_or_a_branch_of_the_papers_code(mp):
         assert "conditioning" not in config["model"] and "mp" not in config["model"]
 
 
+def test_cells_outside_the_grid_may_name_a_branch_of_the_papers_code(tmp_path):
+    from ablations.sweep import buildable
+
+    assert buildable("rotation+mpshift-final-s0") and buildable("adaln-morph_E-s1") and buildable("rotation-old-mod_opts-s2")
+    assert not buildable("adaln-final-s0") and not buildable("nope-A-s0") and not buildable("adaln-A")
+    with pytest.raises(ConfigError, match="--cells: unknown cells \\['adaln-final-s0'\\].*or <conditioning>-<rung or branch: A, B"):
+        sweep("smoke", tmp_path / "x", None, None, "grid", None, ["adaln-final-s0"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_branch_refuses_a_strategy_it_does_not_build():
     with pytest.raises(ConfigError, match="grid conditioning: final does not build 'adaln'; allowed: rotation\\+mpshift"):
         validate_grid([Cell("adaln", "final", 0)])
@@ -111,6 +121,9 @@ def test_smoke_sweep_writes_every_table_and_plot(smoke_sweep):
             assert (smoke_sweep / f"{name}{suffix}").stat().st_size > 0
     for plot in ["fid_per_cell", "fid_vs_params", "loss_curves", "magnitude_curves"]:
         assert (smoke_sweep / f"{plot}.png").stat().st_size > 0
+    claims = json.loads((smoke_sweep / "claims.json").read_text())  # one seed: no claim can be decided
+    assert {c["claim"] for c in claims} == {1, 2} and all(c["verdict"] == "inconclusive" for c in claims)
+    assert "Rules:" in (smoke_sweep / "claims.md").read_text()
     fids = pd.read_csv(smoke_sweep / "fid_table.csv")
     assert len(fids) == 2 and fids.fid.notna().all() and (fids.ci_low <= fids.fid).all() and (fids.fid <= fids.ci_high).all()
     params = pd.read_csv(smoke_sweep / "params_table.csv").set_index("conditioning")
@@ -131,6 +144,28 @@ def test_rerun_reads_finished_cells_back_without_training(smoke_sweep, capsys):
     assert (smoke_sweep / "fid_table.csv").read_text() == table
     assert "all 2 cells finished in an earlier run" in capsys.readouterr().out
     assert (smoke_sweep / "sweep_run.json").read_text() == run  # still the record of the run that trained
+
+
+def test_a_copied_sweep_shows_its_mlflow_runs_with_their_artifacts(smoke_sweep, tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from ablations.report import main as report
+
+    copy = tmp_path / "elsewhere" / "smoke"
+    shutil.copytree(smoke_sweep, copy, ignore=shutil.ignore_patterns("checkpoints"))  # what a clone has
+    report([str(copy)])  # make report: rebuilds the tables and points the store at the copy's artifacts
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lit_mpdit-smoke")
+    assert experiment.artifact_location.startswith((copy / "mlartifacts").resolve().as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    cell_runs = [r for r in runs if r.data.params.get("cell") in CELLS]
+    assert len(cell_runs) == len(CELLS)
+    for run in cell_runs:
+        local = client.download_artifacts(run.info.run_id, "result.json", str(tmp_path / run.info.run_id))
+        assert json.loads(Path(local).read_text())["cell"] == run.data.params["cell"]
+        assert str(copy.resolve()) in run.info.artifact_uri
 
 
 def test_notebook_regenerates_the_plots_from_the_tracked_runs(smoke_sweep, tmp_path):
@@ -297,3 +332,15 @@ def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smok
     again = run_cell(load_profile("smoke"), Cell.from_id("adaln-A-s0"), killed)
     first = json.loads((finished / "result.json").read_text())
     assert again["steps"] == first["steps"] and again["fid"] == first["fid"]
+
+
+def test_grid_progress_line_gives_an_eta_from_this_runs_pace():
+    import time
+
+    from ablations.sweep import progress_line
+
+    started = time.time() - 600  # ten minutes ago
+    assert progress_line(5, 21, 1, 0, started).endswith("ETA unknown")
+    line = progress_line(7, 21, 1, 2, started)  # two cells in ten minutes: 14 left take 70
+    assert line.startswith("[grid] 7/21 cells finished (2 this run), 1 running, 10.0 min elapsed") and line.endswith("ETA 70 min")
+    assert progress_line(21, 21, 0, 3, started).endswith("done")
