@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
-OUT ?= results/ablations/$(PROFILE)
+COMMITTED := results/ablations/$(PROFILE)
+# A fresh folder per run (ignored by git): the committed run in $(COMMITTED) is compared with, never overwritten.
+OUT ?= $(COMMITTED)-$(shell date -u +%Y%m%dT%H%M%SZ)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data fit test test-slow ablations bench clean
+.PHONY: setup data fit test test-slow ablations report bench clean
 
 # torch is pinned to the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -32,8 +34,13 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Trains the grid into $(OUT), one progress line per cell, and ends with a reproduction report against the committed run.
 ablations: setup data
-	$(PY) -m ablations.sweep --profile $(PROFILE) --out $(OUT)
+	$(PY) -m ablations.sweep --profile $(PROFILE) --out $(OUT) $(if $(wildcard $(COMMITTED)/fid_table.csv),--compare $(COMMITTED))
+
+# Rebuilds the committed run's tables, plots and claims in seconds (no training).
+report: setup
+	$(PY) -m ablations.report $(COMMITTED)
 
 bench: setup data
 	$(PY) benchmarks/run.py

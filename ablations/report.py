@@ -292,6 +292,31 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
     return out
 
 
+def reproduction(new: Path, committed: Path) -> pd.DataFrame:
+    """Per (conditioning, rung) of a fresh run: its FID, the committed run's, the difference, and whether the
+    fresh FID lies within the committed spread (the committed interval: over seeds where it has seeds, else
+    its bootstrap interval over the generated images, which leaves out run-to-run variation)."""
+    ours, theirs = pd.read_csv(new / "fid_table.csv"), pd.read_csv(committed / "fid_table.csv")
+    table = ours[["conditioning", "mp", "seeds", "fid"]].merge(
+        theirs[["conditioning", "mp", "seeds", "fid", "ci_low", "ci_high"]], on=["conditioning", "mp"], how="left", suffixes=("", "_committed")
+    )
+    table["diff_pct"] = 100 * (table.fid - table.fid_committed) / table.fid_committed
+    table["within_committed_spread"] = (table.fid >= table.ci_low) & (table.fid <= table.ci_high)
+    return table.rename(columns={"ci_low": "committed_low", "ci_high": "committed_high"})
+
+
+def write_reproduction(new: Path, committed: Path) -> str:
+    table = reproduction(new, committed)
+    text = (
+        f"# Reproduction of {committed} by {new}\n\n"
+        f"{int(table.within_committed_spread.sum())} of {len(table)} cells within the committed spread.\n\n"
+        + table.to_markdown(index=False, floatfmt=".2f")
+        + "\n"
+    )
+    (new / "reproduction.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m ablations.report [SWEEP_DIR]` rebuilds a sweep's report;
     `python -m ablations.report magnitudes OUT.png NAME=metrics.csv ... [--max-step N]` plots runs' magnitudes."""

@@ -564,9 +564,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default="grid", help="grid (the ablation grid) or tpe (learning-rate search)")
     p.add_argument("--n-trials", type=int, default=None, help="trials of a tpe search")
     p.add_argument("--cells", default=None, help="comma-separated cell ids to run (default: all)")
+    p.add_argument("--compare", default=None, help="a committed run of the same grid: end with a reproduction report against it")
     args = p.parse_args(argv)
     keep_freed_memory()
     try:
+        if args.compare and not (Path(args.compare) / "fid_table.csv").exists():
+            raise ConfigError(f"--compare: no finished sweep in {args.compare} (it has no fid_table.csv)")
         out = Path(args.out or f"results/ablations/{args.profile}")
         cells = args.cells.split(",") if args.cells else None
         report = sweep(args.profile, out, args.storage, args.tracking_uri, args.mode, args.n_trials, cells)
@@ -574,6 +577,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"[sweep] tables and plots in {report}")
+    if args.compare and Path(args.compare).resolve() != report.resolve():
+        from ablations.report import write_reproduction
+
+        print(write_reproduction(report, Path(args.compare)))
     crashed = json.loads((report / "sweep_run.json").read_text())["crashed"]
     if crashed:  # a diverged cell is a result; a cell that kept raising is an error to look into
         print(f"error: {len(crashed)} cells raised {MAX_ATTEMPTS} times (in the tables as failed):", file=sys.stderr)

@@ -69,3 +69,17 @@ def test_claims_files_are_written_with_their_rule(tmp_path):
     text = (tmp_path / "claims.md").read_text()
     assert "**supported**" in text and "Rules:" in text and "inconclusive" in text
 
+
+
+def test_reproduction_report_says_which_cells_lie_within_the_committed_spread(tmp_path):
+    from ablations.report import write_reproduction
+
+    committed, fresh = tmp_path / "committed", tmp_path / "fresh"
+    committed.mkdir(), fresh.mkdir()
+    pd.DataFrame(
+        {"conditioning": ["adaln", "adaln"], "mp": ["A", "E"], "seeds": [3, 3], "fid": [100.0, 90.0], "ci_low": [95.0, 88.0], "ci_high": [105.0, 92.0]}
+    ).to_csv(committed / "fid_table.csv", index=False)
+    pd.DataFrame({"conditioning": ["adaln", "adaln"], "mp": ["A", "E"], "seeds": [3, 3], "fid": [103.0, 80.0]}).to_csv(fresh / "fid_table.csv", index=False)
+    text = write_reproduction(fresh, committed)
+    assert "1 of 2 cells within the committed spread" in text and (fresh / "reproduction.md").read_text() == text
+    assert "3.00" in text and "-11.11" in text  # the differences in % of the committed FID
