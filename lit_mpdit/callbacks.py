@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lit_mpdit.errors import check_choice
@@ -61,6 +62,28 @@ class SampleGrid(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.draw(trainer, pl_module, "final")
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes what `predict` drew: `predictions.npz` (uint8 images N×H×W×C and their labels) and a grid PNG
+    with one class per row, into `output_dir` (default: the run's folder/predictions)."""
+
+    def __init__(self, output_dir: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        if not trainer.is_global_zero or not predictions:
+            return
+        import numpy as np
+
+        folder = Path(self.output_dir) if self.output_dir else run_dir(trainer) / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        images = torch.cat([p["images"] for p in predictions])
+        labels = torch.cat([p["labels"] for p in predictions])
+        np.savez(folder / "predictions.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        save_grid(images, folder / "predictions.png", nrow=pl_module.hparams.predict_per_class)
+        print(f"predict: {len(images)} images in {folder / 'predictions.npz'} and {folder / 'predictions.png'}")
 
 
 class Throughput(L.Callback):

@@ -13,6 +13,8 @@ from lit_mpdit.errors import config_error
 from lit_mpdit.runtime import keep_freed_memory
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+SAMPLING_OPTIONS = ("sample_steps", "sampler", "guidance", "clip_x0", "predict_per_class", "compile")  # a checkpoint's may be changed
+LINKED_FROM_DATA = ("input_size", "in_channels", "num_classes")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
@@ -20,7 +22,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    from lit_mpdit.errors import check_writable
+    from lit_mpdit.errors import ConfigError, check_writable
     from lit_mpdit.module import DiffusionModule, read_checkpoint
 
     class CLI(LightningCLI):
@@ -36,6 +38,30 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             ckpt = self.config[command].get("ckpt_path") if command else None
             if ckpt not in (None, "last", "best", "hpc", "registry"):
                 read_checkpoint(ckpt, "--ckpt_path", mmap=True)
+
+        def _parse_ckpt_path(self):
+            """Lightning replaces the model's options with the checkpoint's: an option that was set otherwise
+            (not left at its default) and that the checkpoint contradicts is refused instead of dropped, and the
+            sampling options (how to draw, not what was trained) keep the command line's value."""
+            command = self.config.get("subcommand")
+            if not command or not self.config[command].get("ckpt_path"):
+                return super()._parse_ckpt_path()
+            defaults = self.parser._subcommands_action._name_parser_map[command].get_defaults().model
+            before = dict(vars(self.config[command].model))
+            super()._parse_ckpt_path()
+            after = self.config[command].model
+            for key, value in before.items():
+                stored = getattr(after, key, None)
+                if value == stored or value == getattr(defaults, key, None) or key in LINKED_FROM_DATA:
+                    continue
+                if key in SAMPLING_OPTIONS:
+                    setattr(after, key, value)
+                else:
+                    trained = "left it unset (its default)" if stored is None else f"was trained with {stored!r}"
+                    raise ConfigError(
+                        f"model.{key}: {value!r} contradicts the checkpoint given by --ckpt_path, which {trained}; "
+                        "drop the option or give the checkpoint's value"
+                    )
 
         def before_instantiate_classes(self):
             """Refuse an unwritable output folder before any class is built (MLflow's logger creates its database)."""

@@ -326,6 +326,10 @@ class HeldOutDataModule(L.LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """`predict` draws labels, not data: the model's loader (it knows how many images per class to draw)."""
+        return self.trainer.lightning_module.predict_dataloader()
+
     @abstractmethod
     def reference_images(self, split: str, n: int | None = None) -> torch.Tensor:
         """`n` real images of `split` as uint8 (N, C, H, W), the set generated samples are compared with by FID."""

@@ -102,6 +102,7 @@ class DiffusionModule(L.LightningModule):
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
         compile: bool = False,  # torch.compile the network's forward (GPUs; on CPUs it compiles for minutes)
+        predict_per_class: int = 8,  # `predict`: images drawn per class (with the sampling options above)
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +110,8 @@ class DiffusionModule(L.LightningModule):
         if variant is not None:
             paper_variant(variant)  # an unknown name: one line naming the allowed ones
         check_choice("model.sampler", sampler, SAMPLERS)
+        if predict_per_class < 1:
+            raise ConfigError(f"model.predict_per_class: must be at least 1, got {predict_per_class}")
         if not 0.0 <= class_dropout < 1.0:
             raise ConfigError(f"model.class_dropout: must be in [0, 1), got {class_dropout}")
         design = model_design(variant, conditioning, mp, norm, flags)
@@ -217,13 +220,36 @@ class DiffusionModule(L.LightningModule):
         self.log("loss", losses["loss"], prog_bar=True, logger=False)
         return losses["loss"]
 
-    def validation_step(self, batch, batch_idx):
+    def evaluation_losses(self, batch, batch_idx: int, split: str) -> None:
         x, y = batch
-        # The same noise and steps at every validation, so curves compare across steps and runs.
+        # The same noise and steps at every evaluation, so curves compare across steps and runs.
         gen = torch.Generator(device=x.device).manual_seed(batch_idx)
         losses = self.losses(x, y, generator=gen)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=True)
-        self.log("val_loss", losses["loss"], prog_bar=True, logger=False, sync_dist=True)
+        self.log_dict({f"{split}/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=True)
+        self.log(f"{split}_loss", losses["loss"], prog_bar=True, logger=False, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluation_losses(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        """`test`: the diffusion losses on the data module's test split (FID: `evaluate`)."""
+        self.evaluation_losses(batch, batch_idx, "test")
+
+    def predict_dataloader(self):
+        """`predict`: the labels to draw, `predict_per_class` of every class, in class order."""
+        from lit_mpdit.callbacks import class_grid_labels
+
+        labels = class_grid_labels(self.hparams.num_classes, self.hparams.predict_per_class, self.hparams.num_classes)
+        return torch.utils.data.DataLoader(labels, batch_size=256)
+
+    def predict_step(self, batch, batch_idx):
+        """Samples for a batch of labels, as uint8 images (decoded by the data module where it has a decoder)."""
+        samples = self.sample(batch, seed=batch_idx)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        from lit_mpdit.images import to_uint8
+
+        images = data.to_images(samples) if data is not None and hasattr(data, "to_images") else to_uint8(samples)
+        return {"images": images.cpu(), "labels": batch.cpu()}
 
     @torch.no_grad()
     def sample(

@@ -70,6 +70,27 @@ def test_fit_then_sample_writes_a_class_per_row_grid(tmp_path):
     assert (protocol["n_fake"], protocol["n_ref"], protocol["steps"], protocol["sampler"], protocol["weights"]) == (8, 16, 2, "ddim", "ema")
     assert protocol["training_step"] == 4 and protocol["reference"] == "fashion_mnist_sample:test"
 
+    # The other two LightningCLI subcommands on the default config: test reports the diffusion losses of the
+    # test split, predict writes the images it drew (an .npz and a class-per-row grid).
+    tiny = [*SAMPLE_DATA, "--model.size", "T/4", "--model.sample_steps", "2", "--trainer.enable_progress_bar", "false"]
+    proc = run("test", "--config", CONFIG, *tiny, "--ckpt_path", str(ckpts[0]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/loss" in proc.stdout
+    proc = run("predict", "--config", CONFIG, *tiny, "--model.predict_per_class", "2", "--ckpt_path", str(ckpts[0]), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = list((tmp_path / "results" / "runs").rglob("predictions.npz"))
+    assert len(written) == 1 and (written[0].parent / "predictions.png").exists()
+    import numpy as np
+
+    predictions = np.load(written[0])
+    assert predictions["images"].shape == (20, 28, 28, 1) and predictions["images"].dtype == np.uint8
+    assert list(predictions["labels"]) == [c for c in range(10) for _ in range(2)]
+
+    # Resuming with an option the checkpoint contradicts is refused, not silently dropped.
+    proc = run("fit", "--config", CONFIG, *tiny, "--model.conditioning", "rotation", "--ckpt_path", str(ckpts[0]), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.conditioning: 'rotation' contradicts the checkpoint given by --ckpt_path, which left it unset (its default)" in proc.stderr
+
 
 def test_sample_refuses_a_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
