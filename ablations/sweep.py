@@ -71,15 +71,23 @@ def load_profile(name: str) -> dict[str, Any]:
     return profile
 
 
-def grid_cells(grid: dict[str, Any], seeds: list[int]) -> list[Cell]:
-    """Every (conditioning, rung) named by a group, once, in grid order, for every seed."""
+def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:
+    """Every (conditioning, rung) named by a group, once, in grid order, for every seed; the cells of the
+    `claims` group also for every one of `claim_seeds` (the paper's claims need intervals over seeds, the rest
+    of the table one seed). Every cell at the first seed comes first."""
     pairs: list[tuple[str, str]] = []
-    for group in grid["groups"].values():
+    for name, group in grid["groups"].items():
+        if name == "claims":
+            continue
         for mp in group["mp"]:
             for conditioning in group["conditioning"]:
                 if (conditioning, mp) not in pairs:
                     pairs.append((conditioning, mp))
-    return [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]
+    claims = grid["groups"].get("claims", {"conditioning": [], "mp": []})
+    claim_pairs = [(c, mp) for mp in claims["mp"] for c in claims["conditioning"]]
+    cells = [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]
+    extra = [Cell(c, mp, seed) for seed in claim_seeds or [] for c, mp in claim_pairs]
+    return list(dict.fromkeys(cells + extra))
 
 
 def validate_grid(cells: list[Cell]) -> None:
@@ -90,6 +98,14 @@ def validate_grid(cells: list[Cell]) -> None:
     for cell in cells:
         Conditioning.parse(cell.conditioning)
         grid_design(cell.conditioning, cell.mp)
+
+
+def grid_flags_of(cell_id: str):
+    """The design flags of the model a cell id names (its family chooses the optimizer preset)."""
+    from lit_mpdit.config import grid_flags
+
+    cell = Cell.from_id(cell_id)
+    return grid_flags(cell.conditioning, cell.mp)
 
 
 def buildable(cell_id: str) -> bool:
@@ -308,7 +324,7 @@ def claimed_elsewhere(trial, cell_id: str) -> bool:
     )
 
 
-def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None):
+def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None, fixed_lr: float | None = None):
     import mlflow
     import optuna
 
@@ -329,15 +345,15 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
         cell = Cell.from_id(trial.suggest_categorical("cell", trial.study.user_attrs["cells"]))
         if claimed_elsewhere(trial, cell.id):
             raise optuna.TrialPruned(f"{cell.id} is being trained by another trial")
-        lr = None
+        lr = fixed_lr
         if tpe_space is not None:
             from lit_mpdit.config import grid_flags
 
             low, high = tpe_space[grid_flags(cell.conditioning, cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
-        mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
+        mlflow.set_tag("mlflow.runName", cell.id if tpe_space is None else f"{cell.id}-lr{lr:.2e}")
         mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed, "trial": trial.number})
-        cell_dir = out / "cells" / (cell.id if lr is None else f"{cell.id}-t{trial.number}")
+        cell_dir = out / "cells" / (cell.id if tpe_space is None else f"{cell.id}-t{trial.number}")
         try:
             record = run_cell(profile, cell, cell_dir, lr=lr, run_id=run.info.run_id, tracking_uri=tracking_uri)
         except NonFiniteLossError as e:
@@ -444,7 +460,16 @@ def make_out(out: Path) -> None:
         raise ConfigError(f"--out: cannot write to {out} ({e.strerror})") from None
 
 
-def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: str | None, mode: str, n_trials: int | None, cells_filter: list[str] | None) -> Path:
+def sweep(
+    profile_name: str,
+    out: Path,
+    storage_url: str | None,
+    tracking_uri: str | None,
+    mode: str,
+    n_trials: int | None,
+    cells_filter: list[str] | None,
+    lr: float | None = None,  # every cell's learning rate, in place of the profile's (a learning-rate grid)
+) -> Path:
     import mlflow
     import optuna
 
@@ -452,7 +477,9 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
 
     profile = load_profile(profile_name)
     check_choice("--mode", mode, MODES)
-    cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"])
+    if lr is not None and (lr <= 0 or mode != "grid"):
+        raise ConfigError(f"--lr: a positive learning rate for --mode grid, got {lr} with --mode {mode}")
+    cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"], profile.get("claim_seeds"))
     if cells_filter:  # the grid's cells, or any other cell whose model builds (e.g. a branch of the paper's code)
         grid_ids = {c.id for c in cells}
         unknown = sorted(c for c in set(cells_filter) - grid_ids if not buildable(c))
@@ -473,7 +500,7 @@ def sweep(profile_name: str, out: Path, storage_url: str | None, tracking_uri: s
     sampler = cell_grid(ids) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
     study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
     study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids)
-    objective = make_objective(profile, out, tracking_uri, tpe_space)
+    objective = make_objective(profile, out, tracking_uri, tpe_space, lr)
     from ablations.report import write_report
 
     baseline = load_yaml(HERE / "grid.yaml")["baseline"]
@@ -564,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default="grid", help="grid (the ablation grid) or tpe (learning-rate search)")
     p.add_argument("--n-trials", type=int, default=None, help="trials of a tpe search")
     p.add_argument("--cells", default=None, help="comma-separated cell ids to run (default: all)")
+    p.add_argument("--lr", type=float, default=None, help="every cell's peak learning rate (default: the profile's per family)")
     p.add_argument("--compare", default=None, help="a committed run of the same grid: end with a reproduction report against it")
     args = p.parse_args(argv)
     keep_freed_memory()
@@ -572,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--compare: no finished sweep in {args.compare} (it has no fid_table.csv)")
         out = Path(args.out or f"results/ablations/{args.profile}")
         cells = args.cells.split(",") if args.cells else None
-        report = sweep(args.profile, out, args.storage, args.tracking_uri, args.mode, args.n_trials, cells)
+        report = sweep(args.profile, out, args.storage, args.tracking_uri, args.mode, args.n_trials, cells, args.lr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,7 @@ TARGETS = {  # what issue 5 asks of the ratios
     "bf16-mixed speed-up over fp32": ("≥", 1.8),
     "FID extraction speed-up": ("≥", 2.0),
     "FID change, |%|": ("≤", 0.5),
+    "per-head gains / one shared gain step time": ("≤", 1.02),  # the faithful-models issue: no measurable cost
 }
 
 
@@ -74,11 +75,12 @@ def timed(fn) -> float:
 class Config:
     """One module and its inputs; `step()` is one optimizer step on a fixed batch."""
 
-    def __init__(self, setting: str, conditioning: str, mp: str, batch: int, precision: str):
+    def __init__(self, setting: str, conditioning: str, mp: str, batch: int, precision: str, gains: str = "per_head"):
         size, input_size, channels, classes, _ = SETTINGS[setting]
-        self.key = {"setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch, "precision": precision}
+        self.key = {"setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch, "precision": precision, "gains": gains}
         torch.manual_seed(0)
-        self.module = DiffusionModule(size=size, conditioning=conditioning, mp=mp, input_size=input_size, in_channels=channels, num_classes=classes)
+        flags = None if gains == "per_head" else {"gains": gains}  # `shared`: the one gain the heads had before
+        self.module = DiffusionModule(size=size, conditioning=conditioning, mp=mp, flags=flags, input_size=input_size, in_channels=channels, num_classes=classes)
         self.dtype = PRECISIONS[precision]
         self.x = torch.randn(batch, channels, input_size, input_size)
         self.y = torch.randint(0, classes, (batch,))
@@ -128,6 +130,7 @@ def bench_group(setting: str, batch: int, precision: str, strategies: list[str],
     """Every strategy and rung of one (setting, batch, precision), timed in interleaved rounds."""
     keep_freed_memory()  # as the CLI and the sweep do
     group = [Config(setting, c, mp, batch, precision) for mp in RUNGS for c in strategies]
+    group += [Config(setting, c, "E", batch, precision, gains="shared") for c in strategies]
     for config in group:
         config.step()  # warm-up: allocator, oneDNN kernels
     best = {id(c): float("inf") for c in group}
@@ -197,7 +200,8 @@ def bench_cell(profile: str, cell: str) -> dict:
 
 
 def ratios(rows: list[dict], peaks: dict[str, float]) -> list[dict]:
-    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows}
+    shared = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows if r.get("gains") == "shared"}
+    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows if r.get("gains", "per_head") == "per_head"}
     out = []
 
     def add(name: str, where: str, value: float, bound: float | None = None):
@@ -214,6 +218,8 @@ def ratios(rows: list[dict], peaks: dict[str, float]) -> list[dict]:
             add("rung E / rung A step time", f"{where} {conditioning}", r["train_step_s"] / a["train_step_s"])
         if precision == "bf16-mixed" and (fp32 := index.get((setting, batch, "fp32", mp, conditioning))):
             add("bf16-mixed speed-up over fp32", f"{setting} b{batch} {conditioning} rung {mp}", fp32["train_step_s"] / r["train_step_s"])
+        if (one := shared.get((setting, batch, precision, mp, conditioning))) is not None:
+            add("per-head gains / one shared gain step time", f"{where} {conditioning} rung {mp}", r["train_step_s"] / one["train_step_s"])
         if setting == "S/4 latents" and batch == 32 and precision == "fp32":
             add("S/4 b32 fp32 fraction of matmul peak", f"{conditioning} rung {mp}", r["fraction_of_peak"])
     return out
@@ -253,9 +259,9 @@ def markdown(report: dict) -> str:
         for t in sorted(report["targets"], key=lambda t: t["target"])
     ]
     lines += ["", "## Summary", "", *summary(report["rows"])]
-    lines += ["", "## Training and sampling", "", "| setting | strategy | rung | batch | precision | params | train img/s | GFLOP/s | % of peak | train MB | sample-step img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Training and sampling", "", "| setting | strategy | rung | gains | batch | precision | params | train img/s | GFLOP/s | % of peak | train MB | sample-step img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [
-        f"| {r['setting']} | {r['conditioning']} | {r['mp']} | {r['batch']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_images_per_s']:.1f} | "
+        f"| {r['setting']} | {r['conditioning']} | {r['mp']} | {r.get('gains', 'per_head')} | {r['batch']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_images_per_s']:.1f} | "
         f"{r['achieved_gflops_per_s']:.0f} | {100 * r['fraction_of_peak']:.0f} | {r['train_memory_mb']:.0f} | {r['sample_step_images_per_s']:.0f} |"
         for r in report["rows"]
     ]
@@ -270,7 +276,7 @@ def markdown(report: dict) -> str:
 
 def summary(rows: list[dict]) -> list[str]:
     """One line per (setting, batch, precision): adaln's speed, and the ratios the targets are about."""
-    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows}
+    index = {tuple(r[k] for k in ("setting", "batch", "precision", "mp", "conditioning")): r for r in rows if r.get("gains", "per_head") == "per_head"}
     out = [
         "| setting | batch | precision | adaln A img/s | % of peak | rotation+scale / adaln, A · E (FLOP bound) | E / A, adaln · rotation+scale | bf16 speed-up, adaln A |",
         "|---|---|---|---|---|---|---|---|",

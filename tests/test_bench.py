@@ -13,13 +13,14 @@ from lit_mpdit.conditioning import NAMED_STRATEGIES  # noqa: E402
 def test_bench_measures_every_configuration_and_target(tmp_path):
     report = bench.main(["--settings", "T/4 tiny", "--rounds", "1", "--fid-n", "0", "--cell", "", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(report))
-    configs = {(r["conditioning"], r["mp"], r["precision"]) for r in report["rows"]}
-    assert configs == {(c, mp, p) for c in NAMED_STRATEGIES for mp in bench.RUNGS for p in bench.PRECISIONS}
+    configs = {(r["conditioning"], r["mp"], r["precision"], r["gains"]) for r in report["rows"]}
+    expected = {(c, mp, p, "per_head") for c in NAMED_STRATEGIES for mp in bench.RUNGS for p in bench.PRECISIONS}
+    assert configs == expected | {(c, "E", p, "shared") for c in NAMED_STRATEGIES for p in bench.PRECISIONS}
     for row in report["rows"]:
         assert row["train_step_s"] > 0 and 0 < row["fraction_of_peak"] < 1.5 and row["train_memory_mb"] > row["params"] * 16 / 2**20
         assert row["train_gflops_per_step"] > 2 * row["forward_gflops_per_image"] * row["batch"]  # backward ≈ 2 forwards
     kinds = {t["target"] for t in report["targets"]}
-    assert {"rotation+scale / adaln step time", "rung E / rung A step time", "bf16-mixed speed-up over fp32"} <= kinds
+    assert {"rotation+scale / adaln step time", "rung E / rung A step time", "bf16-mixed speed-up over fp32", "per-head gains / one shared gain step time"} <= kinds
     bounds = [t["flop_bound"] for t in report["targets"] if "flop_bound" in t]
     assert bounds and all(0.9 < b < 1 for b in bounds)  # rotation+scale does fewer FLOPs, by its smaller heads only
     assert "| rung E / rung A step time |" in (tmp_path / "latest.md").read_text()

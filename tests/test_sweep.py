@@ -18,6 +18,33 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["adaln-A-s0", "rotation+scale-E-s0"]
 
 
+def test_claim_cells_get_their_own_seeds_after_the_whole_grid_at_the_first():
+    cells = [c.id for c in grid_cells(load_yaml(HERE / "grid.yaml"), seeds=[0], claim_seeds=[0, 1, 2])]
+    assert len(cells) == len(set(cells)) == 13 + 2 * 4
+    claim = {f"{c}-{mp}" for c in ("adaln", "rotation+scale") for mp in "AE"}
+    assert {i.rsplit("-s", 1)[0] for i in cells[13:]} == claim and all(i.endswith("-s0") for i in cells[:13])
+    assert load_profile("cpu")["claim_seeds"] == [0, 1, 2]  # the default grid decides claims over three seeds
+
+
+def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
+    from ablations.lr_search import lr_folder, lr_table
+
+    for lr, fid in ((1e-3, 120.0), (3e-3, 110.0), (1e-2, 130.0)):
+        cell = lr_folder(tmp_path, lr) / "cells" / "adaln-A-s0"
+        cell.mkdir(parents=True)
+        (cell / "result.json").write_text(json.dumps({"cell": "adaln-A-s0", "lr": lr, "fid": fid, "status": "complete"}))
+    table = lr_table(tmp_path)
+    assert list(table.lr) == [1e-3, 3e-3, 1e-2] and list(table.best_for_cell) == [False, True, False]
+
+
+def test_a_fixed_learning_rate_is_refused_where_it_cannot_apply(tmp_path):
+    with pytest.raises(ConfigError, match="--lr: a positive learning rate for --mode grid, got 0.001 with --mode tpe"):
+        sweep("smoke", tmp_path / "a", None, None, "tpe", None, None, 1e-3)
+    with pytest.raises(ConfigError, match="--lr: a positive learning rate"):
+        sweep("smoke", tmp_path / "b", None, None, "grid", None, None, -1.0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_grid_holds_the_ladder_and_the_strategies_once_each():
     cells = grid_cells(load_yaml(HERE / "grid.yaml"), seeds=[0, 1])
     ids = [c.id for c in cells]

@@ -1,0 +1,69 @@
+"""The learning-rate search behind a profile's `lr`: a log grid per family on the claim cells, at the profile's
+budget, one seed, each learning rate a sweep of its own (so a rerun resumes it).
+
+    python -m ablations.lr_search --profile cpu        # results/ablations/lr_search/cpu/: lr_table.md and the runs
+
+The grid is the profile's `lr_search: {standard: [...], mp: [...], cells: [...]}`. The table gives FID per
+(cell, learning rate); the profile's `lr` then names the best of each family, with a comment naming this search.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from lit_mpdit.errors import ConfigError
+
+
+def lr_folder(out: Path, lr: float) -> Path:
+    return out / f"lr{lr:.0e}"
+
+
+def lr_table(out: Path) -> pd.DataFrame:
+    """One row per finished (cell, learning rate) under `out`, best FID first within each cell."""
+    rows = []
+    for result in sorted(out.glob("lr*/cells/*/result.json")):
+        record = json.loads(result.read_text())
+        rows.append({k: record.get(k) for k in ("cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s")})
+    table = pd.DataFrame(rows, columns=["cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s"])
+    table["best_for_cell"] = table.fid == table.groupby("cell").fid.transform("min")
+    return table.sort_values(["cell", "lr"]).reset_index(drop=True)
+
+
+def search(profile_name: str, out: Path) -> pd.DataFrame:
+    from ablations.sweep import grid_flags_of, load_profile, sweep
+
+    profile = load_profile(profile_name)
+    spec = profile.get("lr_search")
+    if not spec:
+        raise ConfigError(f"--profile: {profile_name} has no lr_search grid; allowed: profiles with lr_search")
+    for cell in spec["cells"]:
+        for lr in spec[grid_flags_of(cell).family]:
+            sweep(profile_name, lr_folder(out, lr), None, None, "grid", None, [cell], lr)
+    table = lr_table(out)
+    table.to_csv(out / "lr_table.csv", index=False)
+    (out / "lr_table.md").write_text(
+        f"# Learning-rate search of profile `{profile_name}`\n\n`python -m ablations.lr_search --profile {profile_name}`: "
+        "one seed per (cell, learning rate), FID with the profile's protocol.\n\n" + table.to_markdown(index=False, floatfmt=".4g") + "\n"
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ablations.lr_search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--out", default=None, help="default: results/ablations/lr_search/<profile>")
+    args = p.parse_args(argv)
+    try:
+        table = search(args.profile, Path(args.out or f"results/ablations/lr_search/{args.profile}"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+
+
+if __name__ == "__main__":
+    main()
