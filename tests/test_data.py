@@ -185,7 +185,7 @@ def idx_folder(tmp_path) -> Path:
 @pytest.fixture
 def nowhere(tmp_path, monkeypatch) -> list[Path]:
     """No system copy and an empty cache: the places the loaders look in."""
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system")  # where the loader reads it
     monkeypatch.setenv("LIT_MPDIT_CACHE", str(tmp_path / "cache"))
     return [tmp_path / "system", tmp_path / "cache" / "fashion-mnist"]
 
@@ -225,7 +225,7 @@ def test_fashion_mnist_missing_root_is_not_searched_elsewhere(tmp_path):
 
 
 def test_fashion_mnist_downloads_into_the_cache(idx_folder, nowhere, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_URL", idx_folder.as_uri() + "/")
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_URL", idx_folder.as_uri() + "/")
     dm = FashionMNISTDataModule(val_size=10)
     dm.prepare_data()
     assert sorted(p.name for p in nowhere[1].iterdir()) == sorted(data.FASHION_MNIST_NAMES)
@@ -233,7 +233,7 @@ def test_fashion_mnist_downloads_into_the_cache(idx_folder, nowhere, monkeypatch
 
 
 def test_fashion_mnist_failed_download_is_a_config_error(tmp_path, nowhere, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_URL", (tmp_path / "offline").as_uri() + "/")
+    monkeypatch.setattr(data.fashion_mnist, "FASHION_MNIST_URL", (tmp_path / "offline").as_uri() + "/")
     dm = FashionMNISTDataModule()  # download=True: constructing is fine, fetching fails
     with pytest.raises(ConfigError, match="Downloading .*train-images-idx3-ubyte.gz"):
         dm.prepare_data()
@@ -323,7 +323,7 @@ def test_cifar10_downloads_and_unpacks(cifar_root, tmp_path, monkeypatch):
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cifar_root / data.CIFAR10_FOLDER, arcname=data.CIFAR10_FOLDER)
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(data.cifar10, "CIFAR10_URL", archive.as_uri())
     monkeypatch.setenv("LIT_MPDIT_CACHE", str(tmp_path / "cache"))
     dm = CIFAR10DataModule(val_size=4)
     dm.prepare_data()
