@@ -285,6 +285,7 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
         plot_fid(fids, out / "fid_per_cell.png")
         plot_fid_vs_params(fids, params, out / "fid_vs_params.png")
     plot_curves(out, grid, cells, "train/loss", "training loss (smoothed)", out / "loss_curves.png")
+    plot_curves(out, grid, cells, "diag/class_spread", "class spread of ε̂ / RMS of ε̂", out / "class_spread.png", smooth=1)
     plot_magnitudes(out, cells, out / "magnitude_curves.png")
     results.to_csv(out / "cells.csv", index=False)
     if "fid" in results:

@@ -479,6 +479,8 @@ def sweep(
     check_choice("--mode", mode, MODES)
     if lr is not None and (lr <= 0 or mode != "grid"):
         raise ConfigError(f"--lr: a positive learning rate for --mode grid, got {lr} with --mode {mode}")
+    if n_trials is not None and (mode != "tpe" or n_trials < 1):
+        raise ConfigError(f"--n-trials: a positive number of trials for --mode tpe, got {n_trials} with --mode {mode}")
     cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"], profile.get("claim_seeds"))
     if cells_filter:  # the grid's cells, or any other cell whose model builds (e.g. a branch of the paper's code)
         grid_ids = {c.id for c in cells}

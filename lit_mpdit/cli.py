@@ -64,10 +64,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                     )
 
         def before_instantiate_classes(self):
-            """Refuse an unwritable output folder before any class is built (MLflow's logger creates its database)."""
+            """Refuse an unwritable output folder before any class is built (MLflow's logger creates its database),
+            and trainer options that would fail (or silently change) once training has started."""
             command = self.config.get("subcommand")
-            for option, folder in output_folders((self.config[command] if command else self.config).trainer):
+            trainer = (self.config[command] if command else self.config).trainer
+            for option, folder in output_folders(trainer):
                 check_writable(folder, option)
+            check_trainer(trainer)
 
     return CLI(
         DiffusionModule,
@@ -79,6 +82,25 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def check_trainer(trainer) -> None:
+    """Trainer options refused before any work: a step budget that trains nothing or is negative, an
+    accelerator the machine does not have, a precision the CPU would silently replace."""
+    import torch
+
+    from lit_mpdit.errors import ConfigError
+
+    max_steps = trainer.get("max_steps")
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise ConfigError(f"--trainer.max_steps: {max_steps} trains nothing; allowed: a positive number of steps, or -1 (use max_epochs)")
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--trainer.accelerator: {accelerator} asked for, but this machine has no CUDA GPU; allowed here: cpu, auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    precision = str(trainer.get("precision") or "32-true")
+    if on_cpu and precision in ("16-mixed", "16", "16-true"):
+        raise ConfigError(f"--trainer.precision: {precision} needs a GPU (on CPUs Lightning would use bf16 instead); allowed on CPU: 32-true, bf16-mixed, bf16-true")
 
 
 def output_folders(trainer) -> Iterator[tuple[str, Path]]:
@@ -113,13 +135,19 @@ def sample_main(argv: list[str]) -> None:
 
     from lit_mpdit.callbacks import class_grid_labels
     from lit_mpdit.diffusion import SAMPLERS
-    from lit_mpdit.errors import check_choice
+    from lit_mpdit.errors import check_choice, check_range
     from lit_mpdit.images import save_grid, to_uint8
     from lit_mpdit.module import load_module
 
     if args.sampler is not None:
         check_choice("--sampler", args.sampler, SAMPLERS)
+    check_range("--per-class", args.per_class, 1)
+    check_range("--classes", args.classes, 1)
+    check_range("--steps", args.steps, 1)
+    check_range("--guidance", args.guidance, 0)
     module = load_module(args.ckpt, args.weights)
+    check_range("--classes", args.classes, 1, module.hparams.num_classes)  # the checkpoint's classes
+    check_range("--steps", args.steps, 1, module.diffusion.num_steps)
     labels = class_grid_labels(module.hparams.num_classes, args.per_class, args.classes)
     samples = module.sample(labels, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
     from lit_mpdit.evaluate import checkpoint_datamodule, generates_pixels

@@ -25,6 +25,17 @@ def check_choice(option: str, value: object, allowed: Iterable[object]) -> None:
         raise ConfigError(f"{option}: unknown value {value!r}; allowed: {names}")
 
 
+def check_range(option: str, value: float | int | None, low: float | None = None, high: float | None = None, *, open_low: bool = False) -> None:
+    """Raise `ConfigError` unless low ≤ value ≤ high (low < value with `open_low`); None passes (unset)."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if open_low else value < low)
+    if below or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if open_low else '≥'} {low}"
+        hi = "" if high is None else f"≤ {high}"
+        raise ConfigError(f"{option}: {value} is out of range; allowed: {' and '.join(x for x in (lo, hi) if x)}")
+
+
 def check_writable(folder: str | os.PathLike, option: str) -> None:
     """Raise `ConfigError` unless `folder` exists as a writable folder or can be created."""
     folder = Path(folder).absolute()

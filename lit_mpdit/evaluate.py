@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.errors import ConfigError, check_choice, check_range
 
 WEIGHT_CHOICES = ("ema", "current", "posthoc", "init")  # init: an untrained model, the baseline
 
@@ -44,6 +44,9 @@ class Protocol:
         check_choice("--sampler", self.sampler, SAMPLERS)
         check_choice("--weights", self.weights, WEIGHT_CHOICES)
         check_choice("--precision", self.precision, PRECISIONS)
+        check_range("--steps", self.steps, 1)
+        check_range("--guidance", self.guidance, 0)
+        check_range("--bootstrap", self.bootstrap, 0)
         if self.n_fake < 2 or self.n_ref < 2:
             raise ConfigError(f"--n / --n-ref: FID needs at least 2 images per set, got {self.n_fake} and {self.n_ref}")
         if self.weights == "posthoc" and self.sigma_rel is None:
@@ -67,6 +70,7 @@ def evaluate(
     from lit_mpdit.images import to_uint8
     from lit_mpdit.metrics.fid import InceptionFeatures, bootstrap_fid, fid_from_features, reference_features
 
+    check_range("--steps", protocol.steps, 1, module.diffusion.num_steps)  # before minutes of reference features
     started = time.perf_counter()
     net = InceptionFeatures(protocol.precision)
     reference = reference_features(reference_name, reference_images, protocol.n_ref, net=net)

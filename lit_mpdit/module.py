@@ -14,7 +14,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lit_mpdit.config import paper_variant, resolve_mp
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
 from lit_mpdit.dit import DiT, build_dit
-from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.errors import ConfigError, check_choice, check_range
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,7 +86,7 @@ class DiffusionModule(L.LightningModule):
         mp: str | None = None,  # rung of the magnitude-preserving ladder, A (standard DiT; None: the variant's, else A) … E
         variant: str | None = None,  # a model of the paper's code (config.PAPER_VARIANTS), e.g. final, old-mod_opts/rotation+scale
         norm: str | None = None,  # override the rung's normalization: layernorm, rmsnorm, none
-        flags: dict[str, bool] | None = None,  # override single MP flags, e.g. {cosine_attention: true}
+        flags: dict[str, bool | int | str] | None = None,  # override single design flags, e.g. {cosine_attention: true, gate: rotation}
         input_size: int = 28,  # image (or latent) side; linked from the data
         in_channels: int = 1,  # image (or latent) channels; linked from the data
         num_classes: int = 10,  # linked from the data; the null class is num_classes
@@ -110,8 +110,16 @@ class DiffusionModule(L.LightningModule):
         if variant is not None:
             paper_variant(variant)  # an unknown name: one line naming the allowed ones
         check_choice("model.sampler", sampler, SAMPLERS)
-        if predict_per_class < 1:
-            raise ConfigError(f"model.predict_per_class: must be at least 1, got {predict_per_class}")
+        for option, value, low, high, open_low in (
+            ("model.num_timesteps", num_timesteps, 1, None, False),
+            ("model.sample_steps", sample_steps, 1, num_timesteps, False),
+            ("model.lr", lr, 0, None, True),
+            ("model.warmup_steps", warmup_steps, 0, None, False),
+            ("model.decay_steps", decay_steps, 0, None, False),
+            ("model.guidance", guidance, 0, None, False),
+            ("model.predict_per_class", predict_per_class, 1, None, False),
+        ):
+            check_range(option, value, low, high, open_low=open_low)
         if not 0.0 <= class_dropout < 1.0:
             raise ConfigError(f"model.class_dropout: must be in [0, 1), got {class_dropout}")
         design = model_design(variant, conditioning, mp, norm, flags)

