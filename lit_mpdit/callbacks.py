@@ -7,26 +7,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import MLFlowLogger
 
 from lit_mpdit.errors import check_choice
-from lit_mpdit.images import save_grid, to_uint8
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """Where this run writes its own files: the first logger's directory, else the root dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def log_artifact(trainer: L.Trainer, path: Path, artifact_path: str | None = None) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
-
-
-def class_grid_labels(num_classes: int, per_class: int, max_classes: int) -> torch.Tensor:
-    """Labels for a grid with one class per row."""
-    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)
+from lit_mpdit.images import class_grid_labels, save_grid, to_uint8
+from lit_mpdit.runs import log_artifact, run_dir
 
 
 class SampleGrid(L.Callback):

@@ -5,6 +5,7 @@ Every bad option ends in one line naming the option and the allowed values, exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,10 +134,9 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from lit_mpdit.callbacks import class_grid_labels
     from lit_mpdit.diffusion import SAMPLERS
     from lit_mpdit.errors import check_choice, check_range
-    from lit_mpdit.images import save_grid, to_uint8
+    from lit_mpdit.images import class_grid_labels, save_grid, to_uint8
     from lit_mpdit.module import load_module
 
     if args.sampler is not None:
@@ -157,6 +157,82 @@ def sample_main(argv: list[str]) -> None:
     print(save_grid(images, args.out, nrow=args.per_class))
 
 
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """python -m lit_mpdit evaluate --ckpt C: FID-N of a checkpoint (or an untrained model) with its protocol, as JSON."""
+    from lit_mpdit.evaluate import Protocol, checkpoint_datamodule, evaluate, generates_pixels, load_for_evaluation
+    from lit_mpdit.errors import ConfigError
+
+    p = argparse.ArgumentParser(prog="python -m lit_mpdit evaluate", description=evaluate_main.__doc__)
+    d = Protocol()
+    p.add_argument("--ckpt", default=None, help="a checkpoint written by `fit`; omit with --untrained")
+    p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialised model (a baseline), built from --config")
+    p.add_argument("--config", default="configs/fmnist.yaml", help="with --untrained: the model's config")
+    p.add_argument(
+        "--reference",
+        default="fashion_mnist:test",
+        help="reference set DATASET:SPLIT (fashion_mnist, fashion_mnist_sample, cifar10), or data:SPLIT for the "
+        "checkpoint's own data module (latent models: its VAE decodes the samples, its references give the images)",
+    )
+    p.add_argument("--n", type=int, default=d.n_fake, help="generated images")
+    p.add_argument("--n-ref", type=int, default=d.n_ref, help="reference images")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--sampler", default=d.sampler, help="ddpm or ddim")
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--weights", default=d.weights, help="ema, current, or posthoc (with --sigma-rel)")
+    p.add_argument("--sigma-rel", type=float, default=None, help="σ_rel of the post-hoc EMA")
+    p.add_argument("--snapshots", default=None, help="post-hoc EMA snapshot folder (default: <run>/ema_snapshots)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32 or bf16")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    from lit_mpdit.metrics.fid import DATASETS, parse_dataset_spec
+
+    own = args.reference.startswith("data:")
+    spec = ("data", args.reference[len("data:") :], None) if own else parse_dataset_spec(args.reference)
+    if spec is None or not spec[1]:
+        raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: data (the checkpoint's), {', '.join(DATASETS)}")
+    dataset, split, _ = spec
+    if own and args.ckpt is None:
+        raise ConfigError("--reference data:SPLIT names the checkpoint's data module: give --ckpt")
+    weights = "init" if args.untrained else args.weights
+    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
+    if args.untrained == (args.ckpt is not None):
+        raise ConfigError("evaluate: give exactly one of --ckpt C and --untrained")
+    if args.untrained:
+        module = untrained_module(args.config)
+    else:
+        module = load_for_evaluation(args.ckpt, protocol, args.snapshots)
+    if own:
+        from lit_mpdit.data import reference_name
+
+        data = checkpoint_datamodule(args.ckpt)
+        result = evaluate(module, reference_name(data, split), lambda: data.reference_images(split, args.n_ref), protocol, data.to_images)
+    elif not generates_pixels(module):
+        raise ConfigError(
+            f"--reference: this model generates {module.hparams.in_channels}-channel latents, which {dataset} images "
+            "cannot be compared with; use --reference data:SPLIT (its data module decodes them with its VAE)"
+        )
+    else:
+        result = evaluate(module, f"{dataset}:{split}", lambda: DATASETS[dataset]().reference_images(split, args.n_ref), protocol)
+    result["checkpoint"] = args.ckpt or "untrained"
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def untrained_module(config: str):
+    """The model of a config at initialisation, seeded as `fit` seeds it."""
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    cli = lightning_cli(["--config", config, "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    return cli.model
+
+
 def commands() -> dict[str, Callable[[list[str]], None]]:
     def fid(argv):
         from lit_mpdit.metrics.fid import main
@@ -168,12 +244,7 @@ def commands() -> dict[str, Callable[[list[str]], None]]:
 
         main(argv)
 
-    def evaluate(argv):
-        from lit_mpdit.evaluate import main
-
-        main(argv)
-
-    return {"sample": sample_main, "evaluate": evaluate, "fid": fid, "prepare-latents": prepare_latents}
+    return {"sample": sample_main, "evaluate": evaluate_main, "fid": fid, "prepare-latents": prepare_latents}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_mpdit.callbacks import run_dir
+from lit_mpdit.runs import run_dir
 from lit_mpdit.errors import ConfigError
 
 # ----------------------------------------------------------------------------

@@ -4,13 +4,12 @@
 
 Every number leaves with its protocol: N generated and reference, the reference set, the sampler and
 its steps, the guidance scale, the weights (EMA, current or post-hoc at σ_rel), the seed, the
-Inception precision and preprocessing, and the training step of the weights.
+Inception precision and preprocessing, and the training step of the weights. The command line of
+`evaluate` lives in `lit_mpdit.cli` (`evaluate_main`): this module is the library it calls.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -116,69 +115,6 @@ def load_for_evaluation(ckpt: str, protocol: Protocol, snapshots: str | None):
     return module
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lit_mpdit evaluate", description=__doc__.split("\n\n")[0])
-    d = Protocol()
-    p.add_argument("--ckpt", default=None, help="a checkpoint written by `fit`; omit with --untrained")
-    p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialised model (a baseline), built from --config")
-    p.add_argument("--config", default="configs/fmnist.yaml", help="with --untrained: the model's config")
-    p.add_argument(
-        "--reference",
-        default="fashion_mnist:test",
-        help="reference set DATASET:SPLIT (fashion_mnist, fashion_mnist_sample, cifar10), or data:SPLIT for the "
-        "checkpoint's own data module (latent models: its VAE decodes the samples, its references give the images)",
-    )
-    p.add_argument("--n", type=int, default=d.n_fake, help="generated images")
-    p.add_argument("--n-ref", type=int, default=d.n_ref, help="reference images")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--sampler", default=d.sampler, help="ddpm or ddim")
-    p.add_argument("--guidance", type=float, default=d.guidance)
-    p.add_argument("--weights", default=d.weights, help="ema, current, or posthoc (with --sigma-rel)")
-    p.add_argument("--sigma-rel", type=float, default=None, help="σ_rel of the post-hoc EMA")
-    p.add_argument("--snapshots", default=None, help="post-hoc EMA snapshot folder (default: <run>/ema_snapshots)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32 or bf16")
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
-
-    from lit_mpdit.metrics.fid import DATASETS, parse_dataset_spec
-
-    own = args.reference.startswith("data:")
-    spec = ("data", args.reference[len("data:") :], None) if own else parse_dataset_spec(args.reference)
-    if spec is None or not spec[1]:
-        raise ConfigError(f"--reference: {args.reference!r} is not DATASET:SPLIT; datasets: data (the checkpoint's), {', '.join(DATASETS)}")
-    dataset, split, _ = spec
-    if own and args.ckpt is None:
-        raise ConfigError("--reference data:SPLIT names the checkpoint's data module: give --ckpt")
-    weights = "init" if args.untrained else args.weights
-    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap)
-    if args.untrained == (args.ckpt is not None):
-        raise ConfigError("evaluate: give exactly one of --ckpt C and --untrained")
-    if args.untrained:
-        module = untrained_module(args.config)
-    else:
-        module = load_for_evaluation(args.ckpt, protocol, args.snapshots)
-    if own:
-        from lit_mpdit.data import reference_name
-
-        data = checkpoint_datamodule(args.ckpt)
-        result = evaluate(module, reference_name(data, split), lambda: data.reference_images(split, args.n_ref), protocol, data.to_images)
-    elif not generates_pixels(module):
-        raise ConfigError(
-            f"--reference: this model generates {module.hparams.in_channels}-channel latents, which {dataset} images "
-            "cannot be compared with; use --reference data:SPLIT (its data module decodes them with its VAE)"
-        )
-    else:
-        result = evaluate(module, f"{dataset}:{split}", lambda: DATASETS[dataset]().reference_images(split, args.n_ref), protocol)
-    result["checkpoint"] = args.ckpt or "untrained"
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-
 def generates_pixels(module) -> bool:
     """Whether a model's samples are images (grayscale or RGB) rather than latents for a VAE to decode."""
     return module.hparams.in_channels in (1, 3)
@@ -194,14 +130,3 @@ def checkpoint_datamodule(ckpt: str):
     if class_path is None:
         raise ConfigError(f"--reference data:SPLIT: {ckpt} does not record its data module; name a dataset instead")
     return instantiate_datamodule(class_path, {k: v for k, v in stored.items() if not k.startswith("_")}, "--reference data:SPLIT")
-
-
-def untrained_module(config: str):
-    """The model of a config at initialisation, seeded as `fit` seeds it."""
-    import lightning as L
-
-    from lit_mpdit.cli import lightning_cli
-
-    L.seed_everything(0, verbose=False)
-    cli = lightning_cli(["--config", config, "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
-    return cli.model

@@ -28,3 +28,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 2, u
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
+
+
+def class_grid_labels(num_classes: int, per_class: int, max_classes: int) -> torch.Tensor:
+    """Labels for a grid with one class per row."""
+    return torch.arange(min(num_classes, max_classes)).repeat_interleave(per_class)

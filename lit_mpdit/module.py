@@ -245,7 +245,7 @@ class DiffusionModule(L.LightningModule):
 
     def predict_dataloader(self):
         """`predict`: the labels to draw, `predict_per_class` of every class, in class order."""
-        from lit_mpdit.callbacks import class_grid_labels
+        from lit_mpdit.images import class_grid_labels
 
         labels = class_grid_labels(self.hparams.num_classes, self.hparams.predict_per_class, self.hparams.num_classes)
         return torch.utils.data.DataLoader(labels, batch_size=256)

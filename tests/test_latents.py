@@ -182,7 +182,7 @@ def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(
     # The same checkpoint through `evaluate`: its own data module decodes and gives the reference images.
     import json
 
-    from lit_mpdit.evaluate import main as evaluate_main
+    from lit_mpdit.cli import evaluate_main
 
     ckpt = str(tmp_path / "cell" / "checkpoints" / "last.ckpt")
     again = ["--ckpt", ckpt, "--n", "6", "--n-ref", "10", "--steps", "3", "--sampler", "ddim", "--bootstrap", "0", "--weights", "posthoc", "--sigma-rel", "0.05"]
