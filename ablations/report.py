@@ -279,6 +279,8 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
         fids["steps_to_baseline"] = [reached.get((c, m), math.nan) for c, m in zip(fids.conditioning, fids.mp)]
         plot_fid_curves(means, out / "fid_curves.png")
         means.to_csv(out / "fid_curves.csv", index=False)
+        wide = means.assign(cell=[label(c, m) for c, m in zip(means.conditioning, means.mp)]).pivot(index="step", columns="cell", values="fid")
+        (out / "fid_curves.md").write_text(wide.reset_index().to_markdown(index=False, floatfmt=".1f") + "\n")
     write_table(fids, out / "fid_table")
     write_table(params, out / "params_table")
     if fids.fid.notna().any():

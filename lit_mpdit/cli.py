@@ -126,7 +126,7 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `fit`")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     p.add_argument("--per-class", type=int, default=8, help="images per row")
-    p.add_argument("--classes", type=int, default=10, help="rows: the first N classes")
+    p.add_argument("--classes", type=int, default=None, help="rows: the first N classes (default: up to 10)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--sampler", default=None, help="ddpm or ddim (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -147,8 +147,9 @@ def sample_main(argv: list[str]) -> None:
     check_range("--guidance", args.guidance, 0)
     module = load_module(args.ckpt, args.weights)
     check_range("--classes", args.classes, 1, module.hparams.num_classes)  # the checkpoint's classes
+    classes = args.classes or min(10, module.hparams.num_classes)
     check_range("--steps", args.steps, 1, module.diffusion.num_steps)
-    labels = class_grid_labels(module.hparams.num_classes, args.per_class, args.classes)
+    labels = class_grid_labels(module.hparams.num_classes, args.per_class, classes)
     samples = module.sample(labels, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed)
     from lit_mpdit.evaluate import checkpoint_datamodule, generates_pixels
 
