@@ -38,9 +38,11 @@ test-slow: setup
 ablations: setup data
 	$(PY) -m ablations.sweep --profile $(PROFILE) --out $(OUT) $(if $(wildcard $(COMMITTED)/fid_table.csv),--compare $(COMMITTED))
 
-# Rebuilds the committed run's tables, plots and claims in seconds (no training).
+# Rebuilds the tables, plots and claims of every committed sweep in seconds (no training), and points their
+# MLflow stores at this clone's artifacts.
 report: setup
-	$(PY) -m ablations.report $(COMMITTED)
+	@for d in $(patsubst %/sweep_run.json,%,$(wildcard results/ablations/*/sweep_run.json)); do \
+	  case $$d in *-20*) continue;; esac; $(PY) -m ablations.report $$d || exit 1; done
 
 bench: setup data
 	$(PY) benchmarks/run.py
