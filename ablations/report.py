@@ -77,6 +77,8 @@ def fid_table(results: pd.DataFrame, baseline: dict[str, str]) -> pd.DataFrame:
 def params_table(results: pd.DataFrame) -> pd.DataFrame:
     """Exact parameter counts with Δ% to adaln at the same rung, GFLOPs and training throughput."""
     done = results[results.status == "complete"]
+    if done.empty:  # every cell failed or is missing: an empty table, not a crash of the whole report
+        return pd.DataFrame(columns=["conditioning", "mp", "params", "gflops", "train_images_per_s", "delta_pct_vs_adaln"])
     table = (
         done.groupby(["conditioning", "mp"], sort=False)
         .agg(params=("params", "first"), gflops=("gflops", "first"), train_images_per_s=("train_images_per_s", "mean"))

@@ -83,3 +83,10 @@ def test_reproduction_report_says_which_cells_lie_within_the_committed_spread(tm
     text = write_reproduction(fresh, committed)
     assert "1 of 2 cells within the committed spread" in text and (fresh / "reproduction.md").read_text() == text
     assert "3.00" in text and "-11.11" in text  # the differences in % of the committed FID
+
+
+def test_a_sweep_whose_every_cell_failed_still_gets_its_tables():
+    from ablations.report import params_table
+
+    failed = pd.DataFrame([{"cell": "adaln-A-s0", "conditioning": "adaln", "mp": "A", "seed": 0, "status": "failed", "reason": "x"}])
+    assert params_table(failed).empty
