@@ -34,7 +34,8 @@ def lr_table(out: Path) -> pd.DataFrame:
 
 
 def search(profile_name: str, out: Path) -> pd.DataFrame:
-    from ablations.sweep import grid_flags_of, load_profile, sweep
+    from ablations.cells import grid_flags_of, load_profile
+    from ablations.sweep import sweep
 
     profile = load_profile(profile_name)
     spec = profile.get("lr_search")

@@ -12,6 +12,7 @@ from typing import Any
 
 import matplotlib
 
+from ablations.cells import HERE, Cell
 from ablations.claims import t_quantile_975, write_claims
 
 matplotlib.use("Agg")
@@ -19,14 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 RUNGS = "ABCDE"
 
 
-def cell_of(cell_id: str):
+def cell_of(cell_id: str) -> Cell:
     """The (conditioning, mp, seed) of a cell id."""
-    from ablations.sweep import Cell  # the sweep imports this module to write its report
-
     return Cell.from_id(cell_id)
 
 
@@ -75,15 +73,16 @@ def fid_table(results: pd.DataFrame, baseline: dict[str, str]) -> pd.DataFrame:
 
 
 def params_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Exact parameter counts with Δ% to adaln at the same rung, GFLOPs and training throughput."""
+    """Exact parameter counts with Δ% to adaln at the same rung, GFLOPs, training throughput and the share of a
+    cell's wall time that was not training steps (evaluation, checkpoints, start-up)."""
     done = results[results.status == "complete"]
     if done.empty:  # every cell failed or is missing: an empty table, not a crash of the whole report
         return pd.DataFrame(columns=["conditioning", "mp", "params", "gflops", "train_images_per_s", "delta_pct_vs_adaln"])
-    table = (
-        done.groupby(["conditioning", "mp"], sort=False)
-        .agg(params=("params", "first"), gflops=("gflops", "first"), train_images_per_s=("train_images_per_s", "mean"))
-        .reset_index()
-    )
+    costs = {"params": ("params", "first"), "gflops": ("gflops", "first"), "train_images_per_s": ("train_images_per_s", "mean")}
+    if "overhead_fraction" in done:  # the share of a cell's wall time not spent on training steps
+        done = done.assign(overhead_pct=100 * done.overhead_fraction)
+        costs["overhead_pct"] = ("overhead_pct", "mean")
+    table = done.groupby(["conditioning", "mp"], sort=False).agg(**costs).reset_index()
     adaln = table[table.conditioning == "adaln"].set_index("mp").params
     table["delta_pct_vs_adaln"] = [100 * (p - adaln[mp]) / adaln[mp] if mp in adaln else math.nan for p, mp in zip(table.params, table.mp)]
     return table
@@ -211,14 +210,18 @@ def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | Non
 
 
 def fid_curves(out: Path, cells: list[str]) -> pd.DataFrame:
-    """FID logged during training (`val/fid`, the profile's `fid_curve`), one row per (cell, step)."""
+    """FID logged during training (`val/fid`, the profile's `fid_curve`) and the curve's last point from the
+    final evaluation (result.json's `fid_curve_final`), one row per (cell, step)."""
     rows = []
     for cell in cells:
         metrics = read_metrics(out, cell)
-        if metrics is None or "val/fid" not in metrics:
-            continue
+        points = [] if metrics is None or "val/fid" not in metrics else list(metrics[["step", "val/fid"]].dropna().itertuples(index=False))
+        result = out / "cells" / cell / "result.json"
+        final = json.loads(result.read_text()).get("fid_curve_final") if result.exists() else None
+        if final and all(int(step) != final["step"] for step, _ in points):
+            points.append((final["step"], final["fid"]))
         parsed = cell_of(cell)
-        for step, fid in metrics[["step", "val/fid"]].dropna().itertuples(index=False):
+        for step, fid in points:
             rows.append({"cell": cell, "conditioning": parsed.conditioning, "mp": parsed.mp, "seed": parsed.seed, "step": int(step), "fid": fid})
     return pd.DataFrame(rows, columns=["cell", "conditioning", "mp", "seed", "step", "fid"])
 

@@ -20,251 +20,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ablations.cells import HERE, Cell, buildable, check_data, grid_cells, load_profile, load_yaml, run_cell, validate_grid, write_json
 from lit_mpdit.errors import ConfigError, check_choice
 from lit_mpdit.runtime import keep_freed_memory
 
-HERE = Path(__file__).resolve().parent
 MODES = ("grid", "tpe")
-
-
-@dataclass(frozen=True)
-class Cell:
-    conditioning: str
-    mp: str  # a rung A–E, or a branch of the paper's code (lit_mpdit.config.GRID_MP_VALUES)
-    seed: int
-
-    @property
-    def id(self) -> str:
-        """'<conditioning>-<mp>-s<seed>', with a branch's '/' written '_' so that the id names a folder."""
-        return f"{self.conditioning}-{self.mp.replace('/', '_')}-s{self.seed}"
-
-    @classmethod
-    def from_id(cls, cell_id: str) -> Cell:
-        from lit_mpdit.config import GRID_MP_VALUES
-
-        head, _, seed = cell_id.rpartition("-s")
-        mp = next((v for v in sorted(GRID_MP_VALUES, key=len, reverse=True) if head.endswith("-" + v.replace("/", "_"))), None)
-        if mp is None:  # not a known rung: parsed as written, and refused by the grid's check
-            head, _, mp = head.rpartition("-")
-            return cls(head, mp, int(seed))
-        return cls(head[: -len(mp) - 1], mp, int(seed))
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def load_profile(name: str) -> dict[str, Any]:
-    profiles = {k: v for k, v in load_yaml(HERE / "profiles.yaml").items() if k != "tpe"}
-    check_choice("--profile", name, profiles)
-    profile = profiles[name]
-    steps, every = profile["fit"]["trainer"]["max_steps"], profile.get("checkpoint_every", 100)
-    if steps % every:  # cells are evaluated from their final checkpoint
-        raise ConfigError(f"profile {name}: checkpoint_every ({every}) must divide trainer.max_steps ({steps})")
-    return profile
-
-
-def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:
-    """Every (conditioning, rung) named by a group, once, in grid order, for every seed; the cells of the
-    `claims` group also for every one of `claim_seeds` (the paper's claims need intervals over seeds, the rest
-    of the table one seed). Every cell at the first seed comes first."""
-    pairs: list[tuple[str, str]] = []
-    for name, group in grid["groups"].items():
-        if name == "claims":
-            continue
-        for mp in group["mp"]:
-            for conditioning in group["conditioning"]:
-                if (conditioning, mp) not in pairs:
-                    pairs.append((conditioning, mp))
-    claims = grid["groups"].get("claims", {"conditioning": [], "mp": []})
-    claim_pairs = [(c, mp) for mp in claims["mp"] for c in claims["conditioning"]]
-    cells = [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]
-    extra = [Cell(c, mp, seed) for seed in claim_seeds or [] for c, mp in claim_pairs]
-    return list(dict.fromkeys(cells + extra))
-
-
-def validate_grid(cells: list[Cell]) -> None:
-    """Refuse a bad grid before any cell trains: every name must build."""
-    from lit_mpdit.conditioning import Conditioning
-    from lit_mpdit.config import grid_design
-
-    for cell in cells:
-        Conditioning.parse(cell.conditioning)
-        grid_design(cell.conditioning, cell.mp)
-
-
-def grid_flags_of(cell_id: str):
-    """The design flags of the model a cell id names (its family chooses the optimizer preset)."""
-    from lit_mpdit.config import grid_flags
-
-    cell = Cell.from_id(cell_id)
-    return grid_flags(cell.conditioning, cell.mp)
-
-
-def buildable(cell_id: str) -> bool:
-    """Whether a cell id names a model that builds (a strategy with a rung, or with a branch that builds it)."""
-    try:
-        cell = Cell.from_id(cell_id)
-        validate_grid([cell])
-        return cell.id == cell_id
-    except (ConfigError, ValueError):
-        return False
-
-
-def check_data(profile: dict[str, Any]) -> None:
-    """Build the profile's data module and fetch its files once, before any cell: a missing or truncated
-    dataset, or no reference images for FID, is refused here with the data module's message, not inside
-    every cell's trial (retried, failed)."""
-    from lit_mpdit.data import instantiate_datamodule
-
-    spec = profile["fit"]["data"]
-    data = instantiate_datamodule(spec["class_path"], spec.get("init_args", {}), "profile fit.data")
-    data.prepare_data()
-    data.check_reference(profile["eval"]["reference_split"])
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Atomically: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------
-# One cell.
-
-
-def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float | None, run_id: str | None, tracking_uri: str) -> dict[str, Any]:
-    """The LightningCLI configuration of one cell: the profile's, the cell's choices, and where to write."""
-    loggers: list[dict[str, Any]] = [
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(cell_dir), "name": "", "version": ""}},
-    ]
-    if run_id is not None:
-        loggers.append(
-            {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": tracking_uri, "run_id": run_id}}
-        )
-    ema_decay = profile.get("ema_decay", 0.999)
-    from lit_mpdit.config import grid_design, grid_flags
-
-    if lr is None:  # a profile may set a learning rate per family instead of the family's preset
-        lr = profile.get("lr", {}).get(grid_flags(cell.conditioning, cell.mp).family)
-    overrides = {
-        "seed_everything": cell.seed,
-        "model": {**grid_design(cell.conditioning, cell.mp), **({"lr": lr} if lr is not None else {})},
-        "trainer": {
-            "default_root_dir": str(cell_dir),
-            "logger": loggers,
-            "enable_progress_bar": sys.stdout.isatty(),  # a bar on a terminal, plain lines in a log
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
-                    # A fixed-decay EMA started at step 0 keeps a share decay^steps of the random
-                    # initialisation: short runs start it later.
-                    "init_args": {"decay": ema_decay, "update_starting_at_step": profile.get("ema_start", 0)},
-                },
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(cell_dir / "checkpoints"), "save_last": True, "every_n_train_steps": profile.get("checkpoint_every", 100), "save_top_k": 0},
-                },
-                {"class_path": "lit_mpdit.callbacks.Throughput"},
-                {"class_path": "lit_mpdit.callbacks.MagnitudeDiagnostics", "init_args": {"every_n_steps": profile.get("diagnostics_every", 50)}},
-                {"class_path": "lit_mpdit.callbacks.SampleGrid", "init_args": {"every_n_steps": profile.get("grid_every", 0)}},
-                *posthoc_ema(profile, cell_dir),
-                *fid_curve(profile),
-            ],
-        },
-    }
-    return deep_merge(profile["fit"], overrides)
-
-
-def posthoc_ema(profile: dict[str, Any], cell_dir: Path) -> list[dict[str, Any]]:
-    """EDM2's power EMAs with snapshots beside the checkpoints, when the profile evaluates post-hoc EMA weights."""
-    if profile["eval"].get("weights") != "posthoc":
-        return []
-    every = profile.get("checkpoint_every", 100)  # a resumed cell rewrites the snapshots after its checkpoint
-    return [{"class_path": "lit_mpdit.ema.PowerEMA", "init_args": {"snapshot_every": every, "snapshot_dir": str(cell_dir / "ema_snapshots")}}]
-
-
-def fid_curve(profile: dict[str, Any]) -> list[dict[str, Any]]:
-    """FID at several points of the run (`fid_curve: {every: steps, n_fake: N}`), with the profile's protocol
-    on the weights it evaluates (EMA where it evaluates EMA), logged as val/fid: the convergence curves."""
-    curve = profile.get("fid_curve")
-    if not curve:
-        return []
-    ev = profile["eval"]
-    same = {k: ev[k] for k in ("n_ref", "reference_split", "steps", "sampler", "guidance", "precision")}
-    weights = "ema" if ev.get("weights") == "ema" else "current"
-    args = {"every_n_steps": curve["every"], "n_fake": curve.get("n_fake", ev["n_fake"]), "weights": weights, "bootstrap": 0, **same}
-    return [{"class_path": "lit_mpdit.callbacks.PeriodicFID", "init_args": args}]
-
-
-def readable_checkpoint(path: Path) -> bool:
-    from lit_mpdit.module import read_checkpoint
-
-    try:
-        read_checkpoint(str(path), "checkpoint", mmap=True)
-        return True
-    except ConfigError:
-        return False
-
-
-def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float | None = None, run_id: str | None = None, tracking_uri: str = "") -> dict[str, Any]:
-    """Train (or resume) one cell and evaluate it; the result is also written to `cell_dir/result.json`."""
-    from lit_mpdit.cli import lightning_cli
-    from lit_mpdit.cost import forward_gflops, n_params
-    from lit_mpdit.data import reference_name
-    from lit_mpdit.evaluate import Protocol, evaluate, load_for_evaluation
-
-    result_path = cell_dir / "result.json"
-    if result_path.exists():  # finished before an interruption: read back, never retrain
-        return json.loads(result_path.read_text())
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    cli = lightning_cli(args=cell_config(profile, cell, cell_dir, lr, run_id, tracking_uri), run=False)
-    last = cell_dir / "checkpoints" / "last.ckpt"
-    if last.exists() and not readable_checkpoint(last):  # killed while writing it: start the cell again
-        os.replace(last, last.with_suffix(".ckpt.corrupt"))
-    started = time.time()
-    resume = f", resuming from {last}" if last.exists() else ""
-    print(f"[sweep] {cell.id}: training {cli.trainer.max_steps} steps{resume}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
-    protocol = Protocol(**profile["eval"], seed=cell.seed)
-    # The weights the protocol names, read from the final checkpoint: a rerun after a kill during evaluation
-    # restores a finished fit, which skips the hook that swaps the EMA in, so the live module cannot be trusted.
-    module = load_for_evaluation(str(last), protocol, snapshots=str(cell_dir / "ema_snapshots"))
-    data = cli.datamodule
-    reference = reference_name(data, protocol.reference_split)
-    evaluation = evaluate(module, reference, lambda: data.reference_images(protocol.reference_split, protocol.n_ref), protocol, data.to_images)
-    throughput = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Throughput")
-    record = {
-        "cell": cell.id,
-        **asdict(cell),
-        "status": "complete",
-        **{k: evaluation[k] for k in ("fid", "fid_lo", "fid_hi")},
-        "params": n_params(module.net),
-        "gflops": forward_gflops(module.net),
-        "train_images_per_s": throughput.images_per_second,
-        "steps": cli.trainer.global_step,
-        "wall_s": time.time() - started,
-        "lr": module.preset().lr,
-        "protocol": evaluation["protocol"],
-    }
-    write_json(result_path, record)
-    print(f"[sweep] {cell.id}: FID {record['fid']:.2f} [{record['fid_lo']:.2f}, {record['fid_hi']:.2f}], {record['wall_s']:.0f} s", flush=True)
-    return record
 
 
 # ----------------------------------------------------------------------------
@@ -287,7 +51,6 @@ def exclusive(path: Path) -> Iterator[None]:
 
 
 def storage_for(url: str):
-    import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     # Heartbeats mark the trials of dead workers stale; the callback requeues them (a killed cell
@@ -367,6 +130,8 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
             if not isinstance(value, dict):
                 trial.set_user_attr(key, value)
         mlflow.log_metrics({k: record[k] for k in ("fid", "fid_lo", "fid_hi", "params", "gflops", "train_images_per_s") if record.get(k) is not None})
+        if "fid_curve_final" in record:  # the curve's last point, from the final evaluation's images
+            mlflow.log_metric("val/fid", record["fid_curve_final"]["fid"], step=record["fid_curve_final"]["step"])
         mlflow.log_dict(record, "result.json")
         return record["fid"]
 

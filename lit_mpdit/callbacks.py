@@ -191,15 +191,20 @@ class PeriodicFID(L.Callback):
         bootstrap: int = 0,  # resamples for an interval; 0 = none
         weights: str = "current",  # current, or ema: the weights of the run's EMA callback once it has started
         seed: int = 0,  # sampling noise: the same at every measurement, so curves compare across steps
+        skip_last: bool = False,  # not at trainer.max_steps: a final evaluation measures that point (the sweep)
     ):
         from lit_mpdit.evaluate import Protocol
 
         check_choice("PeriodicFID.weights", weights, ("current", "ema"))
         self.every_n_steps = every_n_steps
+        self.skip_last = skip_last
+        self.seconds = 0.0  # spent measuring, in this process
         self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if self.skip_last and trainer.global_step == trainer.max_steps:
             return
         from lit_mpdit.data import reference_name
         from lit_mpdit.evaluate import evaluate
@@ -212,3 +217,4 @@ class PeriodicFID(L.Callback):
             metrics |= {"val/fid_lo": result["fid_lo"], "val/fid_hi": result["fid_hi"]}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        self.seconds += result["seconds"]["total"]

@@ -63,9 +63,11 @@ def evaluate(
     reference_images: Callable[[], torch.Tensor],  # uint8 (N, C, H, W), called only when the cache misses
     protocol: Protocol,
     to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,  # samples → uint8 images; None = pixels in [-1, 1]
+    subsets: tuple[int, ...] = (),  # also the FID of the first n generated images, for each n (balanced classes)
 ) -> dict:
     """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval. Latent models
-    pass their data module's `to_images`, which decodes with the VAE."""
+    pass their data module's `to_images`, which decodes with the VAE. `subsets` gives a smaller-N FID from the
+    same images for free (a convergence curve's last point, at the curve's N)."""
     from lit_mpdit.images import to_uint8
     from lit_mpdit.metrics.fid import InceptionFeatures, bootstrap_fid, fid_from_features, reference_features
 
@@ -83,6 +85,7 @@ def evaluate(
         "fid": fid,
         "fid_lo": lo,
         "fid_hi": hi,
+        "fid_subsets": {n: fid_from_features(reference, fake[:n]) for n in subsets},
         "protocol": {
             **asdict(protocol),
             "n_fake": len(fake),

@@ -166,7 +166,7 @@ def latent_profile(latents: Path, references: dict[str, str]) -> dict:
 def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(latents, images, tmp_path, capsys):
     import math
 
-    from ablations.sweep import Cell, check_data, run_cell
+    from ablations.cells import Cell, check_data, run_cell
 
     with pytest.raises(ConfigError, match="data.references"):  # refused before any cell, not after training
         check_data(latent_profile(latents, {}))

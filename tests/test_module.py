@@ -144,6 +144,21 @@ def test_periodic_fid_is_logged_during_fit(tmp_path):
     logged = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["val/fid"])
     assert list(logged.step) == [2, 4]
     assert (logged["val/fid"] > 0).all() and logged["val/fid"].map(math.isfinite).all()
+    assert fid.seconds > 0
+
+
+def test_periodic_fid_can_leave_the_last_step_to_a_final_evaluation(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_mpdit.callbacks import PeriodicFID
+
+    data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
+    logger = CSVLogger(tmp_path, name="", version="")
+    fid = PeriodicFID(every_n_steps=2, n_fake=8, n_ref=16, steps=2, skip_last=True)
+    trainer(max_steps=4, limit_val_batches=0, logger=logger, callbacks=[fid]).fit(DiffusionModule(size="T/4", sample_steps=3), datamodule=data)
+    import pandas as pd
+
+    assert list(pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["val/fid"]).step) == [2]
 
 
 @pytest.mark.slow

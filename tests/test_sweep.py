@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ablations.sweep import HERE, Cell, cell_config, grid_cells, load_profile, load_yaml, sweep, validate_grid
+from ablations.cells import HERE, Cell, cell_config, grid_cells, load_profile, load_yaml, validate_grid
+from ablations.sweep import sweep
 from lit_mpdit.conditioning import Conditioning
 from lit_mpdit.config import GRID_MP_VALUES, LADDER, PAPER_VARIANTS
 from lit_mpdit import build_dit
@@ -73,7 +74,7 @@ def test_a_cell_names_a_rung_or_a_branch_of_the_papers_code(mp):
 
 
 def test_cells_outside_the_grid_may_name_a_branch_of_the_papers_code(tmp_path):
-    from ablations.sweep import buildable
+    from ablations.cells import buildable
 
     assert buildable("rotation+mpshift-final-s0") and buildable("adaln-morph_E-s1") and buildable("rotation-old-mod_opts-s2")
     assert not buildable("adaln-final-s0") and not buildable("nope-A-s0") and not buildable("adaln-A")
@@ -133,6 +134,31 @@ def smoke_sweep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_of_module_fixtures():
     return os.environ.get("LIT_MPDIT_CACHE")
+
+
+def test_every_cell_has_a_convergence_curve_whose_last_point_is_the_final_evaluations_images(smoke_sweep):
+    curves = pd.read_csv(smoke_sweep / "fid_curves.csv")
+    for cell in CELLS:
+        record = json.loads((smoke_sweep / "cells" / cell / "result.json").read_text())
+        sampled = pd.read_csv(smoke_sweep / "cells" / cell / "metrics.csv").dropna(subset=["val/fid"])
+        assert list(sampled.step) == [6]  # the last step is not sampled twice
+        assert record["fid_curve_final"]["step"] == 12 and record["fid_curve_final"]["n_fake"] == 32
+        # FID-32 of the same images is biased far above their FID-64
+        assert record["fid_curve_final"]["fid"] > record["fid"]
+        c = Cell.from_id(cell)
+        steps = curves[(curves.conditioning == c.conditioning) & (curves.mp == c.mp)].step
+        assert list(steps) == [6, 12]
+
+
+def test_a_cells_wall_time_is_split_into_training_steps_and_the_overhead(smoke_sweep):
+    for cell in CELLS:
+        record = json.loads((smoke_sweep / "cells" / cell / "result.json").read_text())
+        s = record["seconds"]
+        assert 0 < s["training_steps"] and 0 < s["fid_curve"] and 0 < s["final_evaluation"]
+        assert s["training_steps"] + s["fid_curve"] + s["final_evaluation"] < s["wall"] == record["wall_s"]
+        assert record["overhead_fraction"] == pytest.approx(1 - s["training_steps"] / s["wall"])
+    params = pd.read_csv(smoke_sweep / "params_table.csv")
+    assert params.overhead_pct.between(0, 100).all()
 
 
 def test_module_fixtures_use_the_tests_private_fid_cache(cache_of_module_fixtures, tmp_path_factory):
@@ -351,7 +377,7 @@ def test_a_trial_that_raises_is_marked_so(tmp_path, monkeypatch):
 def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smoke_sweep, tmp_path):
     import shutil
 
-    from ablations.sweep import run_cell
+    from ablations.cells import run_cell
 
     finished = smoke_sweep / "cells" / "adaln-A-s0"
     killed = tmp_path / "adaln-A-s0"
