@@ -98,6 +98,12 @@ def write_table(table: pd.DataFrame, path: Path, floatfmt: str = ".2f") -> None:
 # Plots.
 
 
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def label(conditioning: str, mp: str) -> str:
     return f"{conditioning} / {mp}"
 
@@ -112,9 +118,7 @@ def plot_fid(table: pd.DataFrame, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("FID (lower is better), 95% interval")
     ax.set_title("FID per cell (blue: rung A, orange: rung E)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_fid_vs_params(fids: pd.DataFrame, params: pd.DataFrame, path: Path) -> None:
@@ -124,13 +128,9 @@ def plot_fid_vs_params(fids: pd.DataFrame, params: pd.DataFrame, path: Path) -> 
     for (conditioning, mp), row in t.set_index(["conditioning", "mp"]).iterrows():
         color = plt.cm.viridis(RUNGS.index(mp) / 4) if mp in RUNGS else "black"
         ax.errorbar(row.params / 1e6, row.fid, yerr=[[row.fid - row.ci_low], [row.ci_high - row.fid]], fmt=markers.get(conditioning, "x"), color=color, capsize=2, label=label(conditioning, mp))
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("FID")
-    ax.set_title("FID against parameters (colour: rung A→E)")
+    ax.set(xlabel="parameters (M)", ylabel="FID", title="FID against parameters (colour: rung A→E)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def read_metrics(out: Path, cell: str) -> pd.DataFrame | None:
@@ -152,13 +152,9 @@ def plot_curves(out: Path, grid: dict[str, Any], cells: list[str], column: str, 
                 continue
             series = metrics[["step", column]].dropna()
             ax.plot(series.step, series[column].rolling(smooth, min_periods=1).mean(), label=cell)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(title=name, xlabel="step", ylabel=ylabel)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_magnitudes(out: Path, cells: list[str], path: Path) -> None:
@@ -182,9 +178,7 @@ def plot_magnitudes(out: Path, cells: list[str], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | None = None) -> None:
@@ -204,9 +198,7 @@ def plot_block_magnitudes(runs: dict[str, Path], path: Path, max_step: int | Non
             ax.set_xlabel("step")
             ax.set_title(f"{name}: {'activation' if row == 0 else 'weight'} RMS per block")
         axes[0][col].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def fid_curves(out: Path, cells: list[str]) -> pd.DataFrame:
@@ -259,14 +251,11 @@ def plot_fid_curves(means: pd.DataFrame, path: Path) -> None:
         line = ax.plot(group.step, group.fid, marker="o", ms=3, label=f"{label(conditioning, mp)} ({group.seeds.max()} seeds)")
         if group.seeds.max() > 1:
             ax.fill_between(group.step, group.lo, group.hi, color=line[0].get_color(), alpha=0.15)
-    ax.set_xlabel("step")
-    ax.set_ylabel("FID (curve protocol)")
+    ax.set(xlabel="step", ylabel="FID (curve protocol)")
     ax.set_yscale("log")
     ax.set_title("Convergence: FID during training, mean over seeds ± 95% interval")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_report(study, out: Path, profile: str, baseline: dict[str, str], crashed: dict[str, str] | None = None) -> Path:

@@ -188,6 +188,7 @@ class PeriodicFID(L.Callback):
         sampler: str = "ddpm",
         guidance: float = 1.5,
         precision: str = "bf16",  # Inception precision
+        sample_precision: str = "fp32",  # the denoiser's precision while sampling
         bootstrap: int = 0,  # resamples for an interval; 0 = none
         weights: str = "current",  # current, or ema: the weights of the run's EMA callback once it has started
         seed: int = 0,  # sampling noise: the same at every measurement, so curves compare across steps
@@ -199,7 +200,7 @@ class PeriodicFID(L.Callback):
         self.every_n_steps = every_n_steps
         self.skip_last = skip_last
         self.seconds = 0.0  # spent measuring, in this process
-        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap)
+        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap, sample_precision)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:

@@ -35,6 +35,7 @@ class Protocol:
     seed: int = 0  # seeds the sampling noise and the bootstrap
     precision: str = "fp32"  # Inception precision: fp32 or bf16
     bootstrap: int = 200  # resamples for the 95% interval; 0 = none
+    sample_precision: str = "fp32"  # the denoiser's precision while sampling: fp32, or bf16 autocast (ε and x_t stay fp32)
 
     def __post_init__(self):
         from lit_mpdit.diffusion import SAMPLERS
@@ -43,6 +44,7 @@ class Protocol:
         check_choice("--sampler", self.sampler, SAMPLERS)
         check_choice("--weights", self.weights, WEIGHT_CHOICES)
         check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--sample-precision", self.sample_precision, PRECISIONS)
         check_range("--steps", self.steps, 1)
         check_range("--guidance", self.guidance, 0)
         check_range("--bootstrap", self.bootstrap, 0)
@@ -76,7 +78,8 @@ def evaluate(
     net = InceptionFeatures(protocol.precision)
     reference = reference_features(reference_name, reference_images, protocol.n_ref, net=net)
     labels = balanced_labels(protocol.n_fake, module.hparams.num_classes)
-    samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed)
+    with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=protocol.sample_precision == "bf16"):
+        samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed)
     sampled = time.perf_counter()
     fake = net((to_images or to_uint8)(samples))
     fid = fid_from_features(reference, fake)

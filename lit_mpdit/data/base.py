@@ -45,17 +45,6 @@ def download(url: str, dest: Path) -> Path:
     return dest
 
 
-def _first_complete(candidates: Sequence[Path], names: Sequence[str]) -> Path | None:
-    """The first candidate directory that holds every file in `names`."""
-    return next((d for d in candidates if all((d / n).is_file() for n in names)), None)
-
-
-def _not_found(dataset: str, names: Sequence[str], looked: Sequence[Path], how: str, why: str = "") -> ConfigError:
-    places = "\n".join(f"  {p}" for p in looked)
-    reason = f"\n{why}" if why else ""
-    return ConfigError(f"{dataset} not found: looked for {', '.join(names)} in\n{places}{reason}\n{how}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Datasets that build whole batches
 
@@ -287,3 +276,29 @@ class ImageDataModule(HeldOutDataModule):
         (N, C, H, W): all of them in file order when `n` is None or not smaller, else a subset drawn by `seed`."""
         self.check_reference(split)
         return draw_images(self.full_splits[split], n, self.seed)  # type: ignore[arg-type]  # _load gives ImageDatasets
+
+
+class PublishedDataModule(ImageDataModule):
+    """A dataset whose published files are read from the first folder of `_candidates()` that holds all of
+    them (or downloaded by `prepare_data`); a subclass names them, and says how to get them when they are nowhere."""
+
+    dataset_name: str  # in messages
+    file_names: Sequence[str]  # every file the folder must hold
+    how_to_get: str  # how to get the files, for the message when they are nowhere
+
+    def _candidates(self) -> list[Path]:
+        raise NotImplementedError
+
+    def _directory(self) -> Path | None:
+        return next((d for d in self._candidates() if all((d / n).is_file() for n in self.file_names)), None)
+
+    def _missing(self, why: str = "") -> ConfigError:
+        places = "\n".join(f"  {p}" for p in self._candidates())
+        reason = f"\n{why}" if why else ""
+        return ConfigError(f"{self.dataset_name} not found: looked for {', '.join(self.file_names)} in\n{places}{reason}\n{self.how_to_get}")
+
+    def _require_directory(self) -> Path:
+        directory = self._directory()
+        if directory is None:
+            raise self._missing()
+        return directory

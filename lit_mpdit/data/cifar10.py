@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_mpdit.data.base import BatchDataset, ImageDataModule, TensorImageDataset, _first_complete, _not_found, cache_dir, download
+from lit_mpdit.data.base import BatchDataset, PublishedDataModule, TensorImageDataset, cache_dir, download
 from lit_mpdit.errors import ConfigError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -39,12 +39,14 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 3, 32, 32), labels
 
 
-class CIFAR10DataModule(ImageDataModule):
+class CIFAR10DataModule(PublishedDataModule):
     """CIFAR-10 (Krizhevsky 2009): 32×32 RGB, 10 classes, 50,000 training and 10,000 test images.
 
     Reads `root`/cifar-10-batches-py (or, without `root`, `cache_dir()`/cifar10/cifar-10-batches-py) and
     downloads the official archive there when `download` is on and it is online.
     """
+
+    dataset_name, file_names, how_to_get = "CIFAR-10", CIFAR10_NAMES, CIFAR10_HOW
 
     def __init__(
         self,
@@ -68,12 +70,6 @@ class CIFAR10DataModule(ImageDataModule):
     def _candidates(self) -> list[Path]:
         return [self.root / CIFAR10_FOLDER, self.root]
 
-    def _directory(self) -> Path | None:
-        return _first_complete(self._candidates(), CIFAR10_NAMES)
-
-    def _missing(self, why: str = "") -> ConfigError:
-        return _not_found("CIFAR-10", CIFAR10_NAMES, self._candidates(), CIFAR10_HOW, why)
-
     def prepare_data(self) -> None:
         if self._directory() is not None or not self.download:
             return
@@ -88,9 +84,7 @@ class CIFAR10DataModule(ImageDataModule):
             archive.unlink(missing_ok=True)
 
     def _load(self) -> dict[str, BatchDataset]:
-        directory = self._directory()
-        if directory is None:
-            raise self._missing()
+        directory = self._require_directory()
         splits: dict[str, BatchDataset] = {}
         for split, names in CIFAR10_FILES.items():
             images, labels = zip(*(read_cifar_batch(directory / name) for name in names))

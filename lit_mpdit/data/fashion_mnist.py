@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_mpdit.data.base import BatchDataset, ImageDataModule, TensorImageDataset, _first_complete, _not_found, cache_dir, download
+from lit_mpdit.data.base import BatchDataset, ImageDataModule, PublishedDataModule, TensorImageDataset, cache_dir, download
 from lit_mpdit.errors import ConfigError
 
 FASHION_MNIST_FILES = {  # split -> (images, labels), IDX files as published
@@ -92,12 +92,14 @@ def load_fashion_mnist(directory: Path) -> dict[str, tuple[torch.Tensor, torch.T
     return splits
 
 
-class FashionMNISTDataModule(ImageDataModule):
+class FashionMNISTDataModule(PublishedDataModule):
     """Fashion-MNIST (Xiao et al. 2017): 28×28 grayscale, 10 classes, 60,000 training and 10,000 test images.
 
     Without `root` it looks in /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist), then in
     `cache_dir()`/fashion-mnist, and downloads into the latter when `download` is on and it is online.
     """
+
+    dataset_name, file_names, how_to_get = "Fashion-MNIST", FASHION_MNIST_NAMES, FASHION_MNIST_HOW
 
     def __init__(
         self,
@@ -126,12 +128,6 @@ class FashionMNISTDataModule(ImageDataModule):
             return [Path(self.root), Path(self.root) / "FashionMNIST" / "raw"]
         return [FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist"]
 
-    def _directory(self) -> Path | None:
-        return _first_complete(self._candidates(), FASHION_MNIST_NAMES)
-
-    def _missing(self, why: str = "") -> ConfigError:
-        return _not_found("Fashion-MNIST", FASHION_MNIST_NAMES, self._candidates(), FASHION_MNIST_HOW, why)
-
     def prepare_data(self) -> None:
         if self._directory() is not None or not self.download:
             return
@@ -143,9 +139,7 @@ class FashionMNISTDataModule(ImageDataModule):
                 raise self._missing(f"Downloading {FASHION_MNIST_URL + name} into {target} failed: {e}") from e
 
     def _load(self) -> dict[str, BatchDataset]:
-        directory = self._directory()
-        if directory is None:
-            raise self._missing()
+        directory = self._require_directory()
         return {split: TensorImageDataset(*arrays) for split, arrays in load_fashion_mnist(directory).items()}
 
 
