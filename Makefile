@@ -46,6 +46,7 @@ report: setup
 
 bench: setup data
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) results/runs results/cache

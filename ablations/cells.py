@@ -207,6 +207,12 @@ def curve_n(profile: dict[str, Any]) -> int | None:
     return curve.get("n_fake", profile["eval"]["n_fake"]) if curve else None
 
 
+def checkpoint_step(path: Path) -> int:
+    from lit_mpdit.module import read_checkpoint
+
+    return int(read_checkpoint(str(path), "checkpoint", mmap=True).get("global_step", 0))
+
+
 def readable_checkpoint(path: Path) -> bool:
     from lit_mpdit.module import read_checkpoint
 
@@ -233,7 +239,8 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     if last.exists() and not readable_checkpoint(last):  # killed while writing it: start the cell again
         os.replace(last, last.with_suffix(".ckpt.corrupt"))
     started = time.time()
-    resume = f", resuming from {last}" if last.exists() else ""
+    resumed_from = checkpoint_step(last) if last.exists() else 0
+    resume = f", resuming from {last} (step {resumed_from})" if resumed_from else ""
     print(f"[sweep] {cell.id}: training {cli.trainer.max_steps} steps{resume}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
     protocol = Protocol(**profile["eval"], seed=cell.seed)
@@ -265,7 +272,9 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
         "train_images_per_s": throughput.images_per_second,
         "steps": cli.trainer.global_step,
         "wall_s": wall,
-        "overhead_fraction": 1 - seconds["training_steps"] / wall,
+        # A resumed cell's process saw only part of its training: no share of the whole can be given.
+        "overhead_fraction": None if resumed_from else 1 - seconds["training_steps"] / wall,
+        "resumed_from_step": resumed_from,
         "seconds": seconds,
         "lr": module.preset().lr,
         "protocol": evaluation["protocol"],

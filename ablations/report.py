@@ -79,8 +79,8 @@ def params_table(results: pd.DataFrame) -> pd.DataFrame:
     if done.empty:  # every cell failed or is missing: an empty table, not a crash of the whole report
         return pd.DataFrame(columns=["conditioning", "mp", "params", "gflops", "train_images_per_s", "delta_pct_vs_adaln"])
     costs = {"params": ("params", "first"), "gflops": ("gflops", "first"), "train_images_per_s": ("train_images_per_s", "mean")}
-    if "overhead_fraction" in done:  # the share of a cell's wall time not spent on training steps
-        done = done.assign(overhead_pct=100 * done.overhead_fraction)
+    if "overhead_fraction" in done:  # the share of a cell's wall time not spent on training steps (unresumed cells)
+        done = done.assign(overhead_pct=100 * done.overhead_fraction.astype(float))
         costs["overhead_pct"] = ("overhead_pct", "mean")
     table = done.groupby(["conditioning", "mp"], sort=False).agg(**costs).reset_index()
     adaln = table[table.conditioning == "adaln"].set_index("mp").params

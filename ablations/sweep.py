@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ablations.cells import HERE, Cell, buildable, check_data, grid_cells, load_profile, load_yaml, run_cell, validate_grid, write_json
-from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.errors import ConfigError, check_choice, check_writable
 from lit_mpdit.runtime import keep_freed_memory
 
 MODES = ("grid", "tpe")
@@ -225,6 +225,52 @@ def make_out(out: Path) -> None:
         raise ConfigError(f"--out: cannot write to {out} ({e.strerror})") from None
 
 
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql")  # what SQLAlchemy-backed stores (Optuna's, MLflow's) speak
+TRACKING_SCHEMES = (*DATABASE_SCHEMES, "file", "http", "https", "databricks")
+CONNECT_TIMEOUT_S = 10
+
+
+def check_database(url: str, option: str) -> None:
+    """A database URL that parses, has a driver, and answers within CONNECT_TIMEOUT_S (SQLite: whose folder can be
+    written), or `ConfigError` naming `option`: a bad store is refused before the sweep writes its first file."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{option}: {url!r} is not a database URL; allowed: {', '.join(f'{s}://...' for s in DATABASE_SCHEMES)}") from None
+    check_choice(f"{option} scheme", parsed.get_backend_name(), DATABASE_SCHEMES)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database not in (None, "", ":memory:"):
+            check_writable(Path(parsed.database).parent, option)
+        return
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    except (NoSuchModuleError, ModuleNotFoundError) as e:
+        raise ConfigError(f"{option}: no driver for {parsed.drivername} ({e}); e.g. pip install 'psycopg[binary]' for PostgreSQL") from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise ConfigError(f"{option}: cannot connect to {parsed.render_as_string(hide_password=True)}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def check_stores(storage_url: str | None, tracking_uri: str | None) -> None:
+    """The sweep's Optuna storage and MLflow tracking URI, when given, checked before any work (the defaults are
+    SQLite files in the output folder, which `make_out` proves writable)."""
+    if storage_url:
+        check_database(storage_url, "--storage")
+    if tracking_uri:
+        scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else "file"
+        check_choice("--tracking-uri scheme", scheme.split("+", 1)[0], TRACKING_SCHEMES)
+        if scheme.split("+", 1)[0] in DATABASE_SCHEMES:
+            check_database(tracking_uri, "--tracking-uri")
+
+
 def sweep(
     profile_name: str,
     out: Path,
@@ -258,6 +304,7 @@ def sweep(
         cells = [c for c in cells if c.id in cells_filter] + [Cell.from_id(c) for c in dict.fromkeys(cells_filter) if c not in grid_ids]
     validate_grid(cells)
     check_data(profile)
+    check_stores(storage_url, tracking_uri)
     make_out(out)
 
     storage_url = storage_url or f"sqlite:///{out / 'optuna.db'}"

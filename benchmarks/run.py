@@ -332,9 +332,14 @@ def main(argv: list[str] | None = None) -> dict:
         report["targets"] += fid_ratios(report["fid"])
     if args.cell:
         report["cell"] = bench_cell(args.profile, args.cell)
-    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "latest.md").write_text(markdown(report))
-    print(out / "latest.md")
+    return write_report(out / "latest", report, markdown(report))
+
+
+def write_report(stem: Path, report: dict, text: str) -> dict:
+    """A bench's report as JSON and Markdown beside each other (stem.json, stem.md)."""
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(stem.with_suffix(".md"))
     return report
 
 

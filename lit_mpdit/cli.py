@@ -5,7 +5,11 @@ Every bad option ends in one line naming the option and the allowed values, exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
+import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 from lit_mpdit.errors import config_error
 from lit_mpdit.runtime import keep_freed_memory
 
+PROG = "python -m lit_mpdit"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 SAMPLING_OPTIONS = ("sample_steps", "sampler", "guidance", "clip_x0", "predict_per_class", "compile")  # a checkpoint's may be changed
 LINKED_FROM_DATA = ("input_size", "in_channels", "num_classes")
@@ -31,6 +36,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             # The network's shape follows the data: no hard-coded class or channel counts.
             for source, target in (("image_size", "input_size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
                 parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+            describe_options(parser)
 
         def parse_arguments(self, parser, args):
             super().parse_arguments(parser, args)
@@ -73,16 +79,62 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 check_writable(folder, option)
             check_trainer(trainer)
 
+    # Parse errors raise (and `main` prints them in one line) instead of printing the whole usage; the seed is
+    # in every run's config.yaml, so Lightning's "Seed set to" line is not printed (it came before any error).
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    one_line = {"exit_on_error": False}
     return CLI(
         DiffusionModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         args=args,
         run=run,
+        parser_kwargs={"prog": PROG, **one_line, **({c: one_line for c in LIGHTNING_COMMANDS} if run else {})},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def parameter_comments(function: Callable) -> dict[str, str]:
+    """Each parameter's trailing comment in the source of `function`'s signature (this suite documents its
+    options there, one per line)."""
+    signature = inspect.getsource(function).split("):\n", 1)[0]
+    return {m["name"]: m["comment"] for m in re.finditer(r"^\s+(?P<name>\w+):[^#\n]*#\s*(?P<comment>.+)$", signature, re.M)}
+
+
+def allowed_values() -> dict[str, str]:
+    """The allowed values of the model's choice options, from the tables that define them."""
+    from lit_mpdit.conditioning import NAMED_STRATEGIES, OPERATIONS
+    from lit_mpdit.config import LADDER, NORMS, PAPER_VARIANTS, PATCH_SIZES, SIZES, MPFlags
+    from lit_mpdit.diffusion import SAMPLERS
+    from lit_mpdit.module import OPTIMIZER_PRESETS
+
+    return {
+        "size": [f"{n}/{p}" for n in SIZES for p in PATCH_SIZES],
+        "conditioning": [*dict.fromkeys([*NAMED_STRATEGIES, *OPERATIONS]), f"any '+' combination of {', '.join(OPERATIONS)}"],
+        "mp": list(LADDER),
+        "variant": list(PAPER_VARIANTS),
+        "norm": list(NORMS),
+        "sampler": list(SAMPLERS),
+        "optimizer": ["auto", *OPTIMIZER_PRESETS],
+        "flags": [f"keys {', '.join(f.name for f in dataclasses.fields(MPFlags))}"],
+    }
+
+
+def describe_options(parser) -> None:
+    """`fit --help`: every model option with its comment and allowed values, and this suite's data modules."""
+    from lit_mpdit.data import DATAMODULES
+    from lit_mpdit.module import DiffusionModule
+
+    helps = {f"model.{k}": v for k, v in parameter_comments(DiffusionModule.__init__).items()}
+    for key, values in allowed_values().items():
+        helps[f"model.{key}"] = f"{helps.get(f'model.{key}', '')}; allowed: {', '.join(values)}"
+    modules = ", ".join(f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}" for cls in dict.fromkeys(DATAMODULES.values()))
+    helps["data"] = f"a data module with its init_args; this suite's: {modules}"
+    for action in parser._actions:  # argparse keeps the help text on each action
+        if action.dest in helps:
+            action.help = helps[action.dest]
 
 
 def check_trainer(trainer) -> None:
@@ -135,10 +187,11 @@ def sample_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
 
     from lit_mpdit.diffusion import SAMPLERS
-    from lit_mpdit.errors import check_choice, check_range
-    from lit_mpdit.images import class_grid_labels, save_grid, to_uint8
+    from lit_mpdit.errors import check_choice, check_output_file, check_range
+    from lit_mpdit.images import IMAGE_SUFFIXES, class_grid_labels, save_grid, to_uint8
     from lit_mpdit.module import load_module
 
+    check_output_file(args.out, "--out", IMAGE_SUFFIXES)
     if args.sampler is not None:
         check_choice("--sampler", args.sampler, SAMPLERS)
     check_range("--per-class", args.per_class, 1)
@@ -161,7 +214,7 @@ def sample_main(argv: list[str]) -> None:
 def evaluate_main(argv: list[str] | None = None) -> None:
     """python -m lit_mpdit evaluate --ckpt C: FID-N of a checkpoint (or an untrained model) with its protocol, as JSON."""
     from lit_mpdit.evaluate import Protocol, checkpoint_datamodule, evaluate, generates_pixels, load_for_evaluation
-    from lit_mpdit.errors import ConfigError
+    from lit_mpdit.errors import ConfigError, check_choice, check_output_file
 
     p = argparse.ArgumentParser(prog="python -m lit_mpdit evaluate", description=evaluate_main.__doc__)
     d = Protocol()
@@ -188,6 +241,12 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample-precision", default=d.sample_precision, help="the denoiser's precision while sampling: fp32 or bf16")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    from lit_mpdit.evaluate import WEIGHT_CHOICES
+
+    # init is what --untrained evaluates, not a choice of --weights
+    check_choice("--weights", args.weights, [w for w in WEIGHT_CHOICES if w != "init"])
+    if args.out:
+        check_output_file(args.out, "--out")  # before minutes of sampling whose result it would lose
 
     from lit_mpdit.metrics.fid import DATASETS, parse_dataset_spec
 
@@ -249,15 +308,45 @@ def commands() -> dict[str, Callable[[list[str]], None]]:
     return {"sample": sample_main, "evaluate": evaluate_main, "fid": fid, "prepare-latents": prepare_latents}
 
 
+SUBCOMMANDS = {  # the top-level --help, one line each
+    "fit": "train a model (LightningCLI: --config configs/fmnist.yaml, --model.*, --data.*, --trainer.*)",
+    "validate": "the diffusion losses of a checkpoint on the validation split",
+    "test": "the diffusion losses of a checkpoint on the test split",
+    "predict": "samples of a checkpoint for given classes, written as images and an .npz",
+    "sample": "a grid of samples of a checkpoint, one class per row",
+    "evaluate": "FID-N of a checkpoint (or an untrained model) with its protocol, as JSON",
+    "fid": "FID between two sets of images (folders, .npz files or datasets)",
+    "prepare-latents": "encode a dataset with a VAE into the latents file the latent data module reads",
+}
+
+
+def usage() -> str:
+    lines = [f"usage: {PROG} SUBCOMMAND [options]   (SUBCOMMAND --help for its options)", "", "subcommands:"]
+    return "\n".join(lines + [f"  {name:<16} {text}" for name, text in SUBCOMMANDS.items()])
+
+
 def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import ArgumentError
+
+    from_command_line = argv is None  # then LightningCLI reads sys.argv itself (given both, it warns)
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] not in SUBCOMMANDS:
+        print(f"error: unknown subcommand {argv[0]!r}; allowed: {', '.join(SUBCOMMANDS)} (see {PROG} --help)", file=sys.stderr)
+        sys.exit(2)
     keep_freed_memory()
     own = commands()
     try:
-        if argv and argv[0] in own:
+        if argv[0] in own:
             own[argv[0]](argv[1:])
         else:
-            lightning_cli(argv)
+            lightning_cli(None if from_command_line else argv)
+    except ArgumentError as e:  # jsonargparse's parse errors, one line instead of the usage
+        message = " ".join(str(e).split())
+        print(f"error: {message} (see {PROG} {argv[0]} --help)", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         error = config_error(e)
         if error is None:

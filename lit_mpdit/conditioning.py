@@ -158,7 +158,7 @@ class Conditioning:
         for part in name.split("+"):
             part = part.strip()
             if part not in OPERATIONS and part not in ALIASES:
-                allowed = ", ".join([*NAMED_STRATEGIES, *OPERATIONS]) + " (and any '+' combination)"
+                allowed = ", ".join(dict.fromkeys([*NAMED_STRATEGIES, *OPERATIONS])) + f" (and any '+' combination of {', '.join(OPERATIONS)})"
                 raise ConfigError(f"model.conditioning: unknown strategy {name!r}; allowed: {allowed}")
             names.update(ALIASES.get(part, (part,)))
         return cls(tuple(op for op in OPERATIONS.values() if op.name in names))

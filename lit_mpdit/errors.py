@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,10 +38,26 @@ def check_range(option: str, value: float | int | None, low: float | None = None
 
 
 def check_writable(folder: str | os.PathLike, option: str) -> None:
-    """Raise `ConfigError` unless `folder` exists as a writable folder or can be created."""
+    """Raise `ConfigError` unless `folder` exists as a writable folder or can be created: proven by creating
+    (and removing) a nameless file in its deepest existing folder, since `os.access` says yes to root for
+    everything, /proc and /sys included."""
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{option}: cannot write to {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}: cannot write to {folder}: {existing} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot write to {folder}: {existing} is not writable ({e.strerror})") from None
+
+
+def check_output_file(path: str | os.PathLike, option: str, suffixes: Iterable[str] | None = None) -> None:
+    """Raise `ConfigError` unless a file can be written at `path` (with one of `suffixes`, when given)."""
+    path = Path(path)
+    allowed = list(suffixes or ())
+    if allowed and path.suffix.lower() not in allowed:
+        raise ConfigError(f"{option}: {path} has suffix {path.suffix or '(none)'!r}; allowed: {', '.join(allowed)}")
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; give a file name")
+    check_writable(path.parent, option)

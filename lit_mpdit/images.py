@@ -13,6 +13,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what save_grid's PIL writes by name
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 2, upscale: int = 2) -> Path:
     """uint8 images (N, C, H, W) → one PNG with `nrow` images per row, separated by `pad` black pixels."""
     n, c, h, w = images.shape

@@ -81,11 +81,11 @@ class DiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        size: str = "C/4",  # "<T|C|XS|S|B|L|XL>/<patch>"
-        conditioning: str | None = None,  # adaln (None: the variant's, else adaln), shift, scale, rotation, rotation+scale, mpshift, '+' combinations
-        mp: str | None = None,  # rung of the magnitude-preserving ladder, A (standard DiT; None: the variant's, else A) … E
-        variant: str | None = None,  # a model of the paper's code (config.PAPER_VARIANTS), e.g. final, old-mod_opts/rotation+scale
-        norm: str | None = None,  # override the rung's normalization: layernorm, rmsnorm, none
+        size: str = "C/4",  # "<depth × width × heads name>/<patch>"
+        conditioning: str | None = None,  # the conditioning strategy (None: the variant's, else adaln)
+        mp: str | None = None,  # rung of the magnitude-preserving ladder, A = the standard DiT … E (None: the variant's, else A)
+        variant: str | None = None,  # a model of the paper's code (config.PAPER_VARIANTS)
+        norm: str | None = None,  # override the rung's normalization
         flags: dict[str, bool | int | str] | None = None,  # override single design flags, e.g. {cosine_attention: true, gate: rotation}
         input_size: int = 28,  # image (or latent) side; linked from the data
         in_channels: int = 1,  # image (or latent) channels; linked from the data
@@ -93,12 +93,12 @@ class DiffusionModule(L.LightningModule):
         learn_sigma: bool = True,  # learned variance, trained with L_vlb
         class_dropout: float = 0.1,  # probability of the null class while training (for guidance)
         num_timesteps: int = 1000,  # T
-        optimizer: str = "auto",  # auto (preset of the model's family), standard, mp, paper (map-dit's, for either family)
+        optimizer: str = "auto",  # auto = the preset of the model's family; paper = map-dit's, for either family
         lr: float | None = None,  # None = the preset's
         warmup_steps: int | None = None,  # None = the preset's fraction of max_steps
         decay_steps: int | None = None,  # decay start; None = the preset's fraction of max_steps; 0 = constant
         sample_steps: int = 50,  # sampling steps for grids and `sample`
-        sampler: str = "ddpm",  # ddpm or ddim
+        sampler: str = "ddpm",  # for grids and `sample`
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
         compile: bool = False,  # torch.compile the network's forward (GPUs; on CPUs it compiles for minutes)

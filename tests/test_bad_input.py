@@ -34,6 +34,17 @@ CASES = [
     (["evaluate", "--ckpt", "none.ckpt", "--steps", "0"], "--steps: 0 is out of range"),
     (["fid", "fashion_mnist_sample:test", "fashion_mnist_sample:train", "--bootstrap", "-5"], "--bootstrap: -5 is out of range"),
     (["fid", "fashion_mnist_sample:test", "fashion_mnist_sample:train", "--batch-size", "0"], "--batch-size: 0 is out of range"),
+    # Outputs are probed by writing before the work whose result they would hold (root may write anywhere but /proc, /sys)
+    (["sample", "--ckpt", "none.ckpt", "--out", "/proc/x/grid.png"], "--out: cannot write to /proc/x: /proc is not writable"),
+    (["sample", "--ckpt", "none.ckpt", "--out", "grid.txt"], "--out: grid.txt has suffix '.txt'; allowed: .png, .jpg"),
+    (["evaluate", "--ckpt", "none.ckpt", "--out", "/proc/x/fid.json"], "--out: cannot write to /proc/x: /proc is not writable"),
+    (["evaluate", "--ckpt", "none.ckpt", "--weights", "init"], "--weights: unknown value 'init'; allowed: 'ema', 'current', 'posthoc'\n"),
+    (["fid", "fashion_mnist_sample:test", "fashion_mnist_sample:train", "--cache-dir", "/proc/x"], "--cache-dir: cannot write to /proc/x"),
+    (FIT + ["--trainer.logger", "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: /sys/x}}"], "--trainer.logger CSVLogger.save_dir: cannot write to /sys/x: /sys is not writable"),
+    (FIT + ["--trainer.max_steps", "abc"], 'Parser key "trainer.max_steps": Expected a <class \'int\'>. Got value: abc (see python -m lit_mpdit fit --help)'),
+    (FIT + ["--bogus", "1"], "unrecognized arguments: --bogus 1 (see python -m lit_mpdit fit --help)"),
+    (FIT + ["--model.conditioning", "bogus"], "model.conditioning: unknown strategy 'bogus'; allowed: adaln, shift, scale, rotation, rotation+scale, mpshift (and"),
+    (["fitt"], "unknown subcommand 'fitt'; allowed: fit, validate, test, predict, sample, evaluate, fid, prepare-latents"),
 ]
 SWEEP_CASES = [
     (["--mode", "tpe", "--n-trials", "-1"], "--n-trials: a positive number of trials for --mode tpe, got -1"),
@@ -41,6 +52,12 @@ SWEEP_CASES = [
     (["--mode", "grid", "--n-trials", "5"], "--n-trials: a positive number of trials for --mode tpe, got 5 with --mode grid"),
     (["--lr", "-1"], "--lr: a positive learning rate for --mode grid"),
     (["--compare", "nowhere"], "--compare: no finished sweep in nowhere"),
+    (["--storage", "notaurl"], "--storage: 'notaurl' is not a database URL; allowed: sqlite://..., postgresql://..., mysql://..."),
+    (["--storage", "mongodb://x/y"], "--storage scheme: unknown value 'mongodb'; allowed: 'sqlite', 'postgresql', 'mysql'"),
+    (["--storage", "sqlite:////proc/x/optuna.db"], "--storage: cannot write to /proc/x"),
+    (["--storage", "postgresql://127.0.0.1:1/x"], "--storage: cannot connect to postgresql://127.0.0.1:1/x: "),
+    (["--tracking-uri", "bogus://x"], "--tracking-uri scheme: unknown value 'bogus'; allowed: 'sqlite', 'postgresql'"),
+    (["--tracking-uri", "sqlite:////proc/x/mlflow.db"], "--tracking-uri: cannot write to /proc/x"),
 ]
 
 
@@ -72,7 +89,39 @@ def test_bad_input_is_one_line_naming_the_option(workdir, capsys, argv, message)
     before = snapshot(workdir)
     err = refused(cli_main, argv, capsys)
     assert f"error: {message}" in err, err[-2000:]
+    assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]  # one line: no usage, no seed line
     assert snapshot(workdir) == before  # nothing written, nothing changed
+
+
+def test_the_top_level_help_lists_every_subcommand_and_each_has_its_own_help(capsys):
+    from lit_mpdit.cli import LIGHTNING_COMMANDS, commands
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0
+    listing = capsys.readouterr().out
+    for name in [*LIGHTNING_COMMANDS, *commands()]:
+        assert f"\n  {name} " in listing
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([name, "--help"])
+        assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_fit_help_shows_the_allowed_values_and_this_suites_data_modules(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in [
+        "allowed: adaln, shift, scale, rotation, rotation+scale, mpshift",
+        "allowed: A, B, C, D, E",
+        "allowed: layernorm, rmsnorm, none",
+        "allowed: ddpm, ddim",
+        "allowed: auto, standard, mp, paper",
+        "final, morph/A, morph/E",
+        "lit_mpdit.data.FashionMNISTDataModule",
+        "lit_mpdit.data.LatentsDataModule",
+    ]:
+        assert shown in text, shown
 
 
 @pytest.mark.parametrize("argv, message", SWEEP_CASES, ids=[" ".join(a) for a, _ in SWEEP_CASES])

@@ -25,3 +25,13 @@ def test_bench_measures_every_configuration_and_target(tmp_path):
     assert bounds and all(0.9 < b < 1 for b in bounds)  # rotation+scale does fewer FLOPs, by its smaller heads only
     assert "| rung E / rung A step time |" in (tmp_path / "latest.md").read_text()
     assert report["fresh_42mb_tensor"]["kept_memory"] == sys.platform.startswith("linux")
+
+
+def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path):
+    import bench_eval
+
+    report = bench_eval.main(["--profile", "smoke", "--rounds", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(report))
+    assert all(v > 0 for v in report["sampler"]["images_per_s"].values()) and report["inception"]["images_per_s"] > 0
+    assert report["bootstrap"]["max_relative_difference"] < 1e-6
+    assert "| sampler (T/4" in (tmp_path / "eval.md").read_text()

@@ -138,6 +138,16 @@ def test_metric_over_images_holds_the_reference_sums(net, images, feats):
     assert int(preloaded.real_features_num_samples) == N and int(preloaded.fake_features_num_samples) == 0
 
 
+@pytest.mark.parametrize("dims", [256, 24])  # fewer and more dimensions than images
+def test_resampled_fids_equal_the_direct_formula_on_every_draw(feats, dims):
+    real, fake = feats["test"][:, :dims], feats["train"][:, :dims]
+    generator = torch.Generator().manual_seed(0)
+    draws = [torch.randint(len(fake), (len(fake),), generator=generator) for _ in range(5)] + [torch.arange(len(fake))]
+    fast = F.resampled_fids(real, fake, draws)
+    assert fast == pytest.approx([F.frechet_distance(real, fake[idx]) for idx in draws], rel=1e-7)
+    assert len(set(fast)) == len(fast)  # the draws differ, and so do their FIDs
+
+
 @pytest.mark.parametrize("resample_reference", [False, True])
 def test_bootstrap_interval_contains_the_estimate(feats, resample_reference):
     point = F.frechet_distance(feats["test"], feats["train"])

