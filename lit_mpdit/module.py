@@ -298,14 +298,21 @@ class DiffusionModule(L.LightningModule):
 WEIGHTS = ("ema", "current")
 
 
+CHECKPOINT_KEYS = ("state_dict", "hyper_parameters", "pytorch-lightning_version")  # what `fit` writes and resumes from
+
+
 def read_checkpoint(ckpt: str, option: str, map_location: str = "cpu", mmap: bool = False) -> dict:
-    """torch.load with one clear error for a missing, truncated or corrupt file (`mmap`: check cheaply)."""
+    """torch.load with one clear error for a missing, truncated, corrupt or foreign file (`mmap`: check cheaply)."""
     try:
-        return torch.load(ckpt, map_location=map_location, weights_only=False, mmap=mmap)
+        record = torch.load(ckpt, map_location=map_location, weights_only=False, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{option}: no checkpoint at {ckpt}") from None
     except Exception as e:  # truncated, corrupt or foreign files fail in many ways inside torch.load
         raise ConfigError(f"{option}: {ckpt} is not a readable lit_mpdit checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ConfigError(f"{option}: {ckpt} is not a lit_mpdit checkpoint (it lacks {', '.join(missing)}); give a file written by `fit`")
+    return record
 
 
 def load_module(ckpt: str, weights: str = "ema", map_location: str = "cpu") -> DiffusionModule:

@@ -130,3 +130,38 @@ def test_bad_sweep_input_is_one_line_naming_the_option(workdir, capsys, argv, me
     err = refused(sweep_main, ["--profile", "smoke", "--out", str(workdir / "sweep"), *argv], capsys)
     assert f"error: {message}" in err, err[-2000:]
     assert snapshot(workdir) == before and not os.path.exists(workdir / "sweep")
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    """Files a user might pass by mistake: a foreign checkpoint, latents of the wrong types, broken images."""
+    import numpy as np
+    import torch
+
+    torch.save({"a": 1}, folder / "foreign.ckpt")
+    latents = {"mean": np.zeros((4, 4, 2, 2), np.float32), "std": np.ones((4, 4, 2, 2), np.float32), "labels": np.zeros(4, np.int64),
+               "shift": np.zeros(4, np.float32), "scale": np.ones(4, np.float32), "vae": "x"}  # fmt: skip
+    np.savez(folder / "int_latents.npz", **{**latents, "mean": np.zeros((4, 4, 2, 2), np.int32)})
+    np.savez(folder / "float_labels.npz", **{**latents, "labels": np.zeros(4, np.float32)})
+    (folder / "notzip.npz").write_text("hello")
+    (folder / "pngs").mkdir()
+    (folder / "pngs" / "broken.png").write_bytes(b"\x89PNG not really")
+    return {p.stem: p for p in folder.iterdir()}
+
+
+FILE_CASES = [
+    (["fit", "--config", CONFIG, "--ckpt_path", "{foreign}"], "--ckpt_path: {foreign} is not a lit_mpdit checkpoint (it lacks state_dict"),
+    (["sample", "--ckpt", "{foreign}"], "--ckpt: {foreign} is not a lit_mpdit checkpoint"),
+    (["fit", "--config", CONFIG, "--data", "lit_mpdit.data.LatentsDataModule", "--data.path", "{int_latents}"], "{int_latents}: array 'mean' is int32; allowed: float16"),
+    (["fit", "--config", CONFIG, "--data", "lit_mpdit.data.LatentsDataModule", "--data.path", "{float_labels}"], "{float_labels}: labels are float32 (4,); expected integers"),
+    (["fid", "{notzip}", "fashion_mnist_sample:test"], "{notzip}: not an .npz of images"),
+    (["fid", "{pngs}", "fashion_mnist_sample:test"], "{pngs}/broken.png: not a readable image"),
+]
+
+
+@pytest.mark.parametrize("argv, message", FILE_CASES, ids=[" ".join(a[:1] + a[-1:]) for a, _ in FILE_CASES])
+def test_a_bad_input_file_is_one_line_naming_it(workdir, capsys, argv, message):
+    files = {k: str(v) for k, v in bad_files(workdir).items()}
+    before = snapshot(workdir)
+    err = refused(cli_main, [a.format(**files) for a in argv], capsys)
+    assert f"error: {message.format(**files)}" in err, err[-2000:]
+    assert err.count("\n") == 1 and snapshot(workdir) == before

@@ -54,6 +54,24 @@ def save_latents(path: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def check_latent_arrays(path: Path, record: dict[str, Any]) -> None:
+    """The shapes and dtypes the data module needs: float posteriors (N, C, H, W) of equal shape, integer
+    labels (N,), per-channel float shift and scale (C,); else one `ConfigError` naming the file and the array."""
+    arrays = {k: np.asarray(record[k]) if not isinstance(record[k], torch.Tensor) else record[k].numpy() for k in ("mean", "std", "labels", "shift", "scale")}
+    mean = arrays["mean"]
+    for key in ("mean", "std", "shift", "scale"):
+        if arrays[key].dtype not in (np.float16, np.float32, np.float64):
+            raise ConfigError(f"{path}: array {key!r} is {arrays[key].dtype}; allowed: float16, float32, float64")
+    if mean.ndim != 4 or arrays["std"].shape != mean.shape:
+        raise ConfigError(f"{path}: mean {mean.shape} and std {arrays['std'].shape} must both be N×C×H×W")
+    labels = arrays["labels"]
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != mean.shape[:1]:
+        raise ConfigError(f"{path}: labels are {labels.dtype} {labels.shape}; expected integers, one per latent ({mean.shape[0]})")
+    for key in ("shift", "scale"):
+        if arrays[key].shape != mean.shape[1:2]:
+            raise ConfigError(f"{path}: {key} {arrays[key].shape} must hold one value per channel ({mean.shape[1]})")
+
+
 def load_latents(path: str | Path) -> dict[str, Any]:
     """Read a file written by `save_latents`: tensors for the arrays, str/int/list[str] for the rest."""
     path = Path(path)
@@ -70,6 +88,7 @@ def load_latents(path: str | Path) -> dict[str, Any]:
     missing = [k for k in LATENT_KEYS if k not in record]
     if missing:
         raise ConfigError(f"{path}: latents file lacks {', '.join(missing)} (required: {', '.join(LATENT_KEYS)})")
+    check_latent_arrays(path, record)
     out = {k: torch.as_tensor(record[k]) for k in ("mean", "std", "labels", "shift", "scale")}
     out["labels"] = out["labels"].long()
     out["vae"] = str(record["vae"])

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -379,9 +380,12 @@ def _load_folder(folder: Path, n: int | None) -> torch.Tensor:
         raise ConfigError(f"{folder}: no PNG or JPEG images")
     pixels, mode = [], None
     for file in files:
-        with Image.open(file) as img:
-            mode = mode or ("L" if img.mode in ("L", "LA", "I", "I;16", "1") else "RGB")  # the first file decides
-            pixels.append(np.asarray(img.convert(mode)))
+        try:
+            with Image.open(file) as img:
+                mode = mode or ("L" if img.mode in ("L", "LA", "I", "I;16", "1") else "RGB")  # the first file decides
+                pixels.append(np.asarray(img.convert(mode)))
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ConfigError(f"{file}: not a readable image ({e}); remove it from {folder} or replace it") from None
     if len({p.shape for p in pixels}) > 1:
         raise ConfigError(f"{folder}: images of different sizes {sorted({p.shape for p in pixels})}")
     stacked = np.stack(pixels)  # (N, H, W) or (N, H, W, 3)
@@ -389,11 +393,14 @@ def _load_folder(folder: Path, n: int | None) -> torch.Tensor:
 
 
 def _load_npz(path: Path, n: int | None) -> torch.Tensor:
-    with np.load(path) as arrays:
-        if not arrays.files:
-            raise ConfigError(f"{path}: no arrays in the file")
-        key = next((k for k in ("images", "arr_0") if k in arrays.files), arrays.files[0])
-        images = arrays[key][:n]
+    try:
+        with np.load(path) as arrays:
+            if not arrays.files:
+                raise ConfigError(f"{path}: no arrays in the file")
+            key = next((k for k in ("images", "arr_0") if k in arrays.files), arrays.files[0])
+            images = arrays[key][:n]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{path}: not an .npz of images ({e})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ConfigError(f"{path}: array {key!r} is {images.dtype} {images.shape}; expected uint8 N×H×W×C (C = 1 or 3) or N×H×W")
     if images.ndim == 3:
