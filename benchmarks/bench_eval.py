@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the profiles liv
 
 from ablations.cells import load_profile  # noqa: E402
 from lit_mpdit.evaluate import balanced_labels  # noqa: E402
-from lit_mpdit.metrics.fid import InceptionFeatures, frechet_distance, load_images, resampled_fids  # noqa: E402
+from lit_mpdit.metrics.fid import InceptionFeatures, load_images  # noqa: E402
+from lit_mpdit.metrics.frechet import frechet_distance, resampled_fids  # noqa: E402
 from lit_mpdit.module import DiffusionModule  # noqa: E402
 from lit_mpdit.runtime import keep_freed_memory  # noqa: E402
 from run import write_report  # noqa: E402  (benchmarks/run.py: this script's folder is on the path)

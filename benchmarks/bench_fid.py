@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from lit_mpdit.metrics.fid import InceptionFeatures, frechet_distance, load_images
+from lit_mpdit.metrics.fid import InceptionFeatures, load_images
+from lit_mpdit.metrics.frechet import frechet_distance
 
 
 BASELINE = "fp32 (TorchScript forward, NCHW)"

@@ -71,7 +71,8 @@ def evaluate(
     pass their data module's `to_images`, which decodes with the VAE. `subsets` gives a smaller-N FID from the
     same images for free (a convergence curve's last point, at the curve's N)."""
     from lit_mpdit.images import to_uint8
-    from lit_mpdit.metrics.fid import InceptionFeatures, bootstrap_fid, fid_from_features, reference_features
+    from lit_mpdit.metrics.fid import InceptionFeatures, fid_from_features, reference_features
+    from lit_mpdit.metrics.frechet import bootstrap_fid
 
     check_range("--steps", protocol.steps, 1, module.diffusion.num_steps)  # before minutes of reference features
     started = time.perf_counter()
