@@ -103,7 +103,7 @@ def test_without_diffusers_says_how_to_install(images, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"out": "z.h5"}, "--out suffix"), ({"dtype": "int8"}, "--dtype"), ({"image_root": "missing"}, "--images")],
+    [({"out": "z.h5"}, "--out: .*z.h5 has suffix '.h5'; allowed: .pt, .npz"), ({"image_size": 0}, "--image-size: 0 is out of range"), ({"dtype": "int8"}, "--dtype"), ({"image_root": "missing"}, "--images")],
 )
 def test_bad_options_fail_before_encoding(images, tmp_path, kwargs, match):
     args = {"image_root": images, "out": "z.pt"} | kwargs
@@ -198,3 +198,9 @@ def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(
 
     sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), "--per-class", "2", "--steps", "2"])
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape[2] == 3  # decoded RGB, not latent channels
+
+
+def test_an_image_size_the_vae_cannot_halve_is_refused_before_encoding(tiny_vae, images, tmp_path):
+    with pytest.raises(ConfigError, match="--image-size: 15 is not a multiple of 2, the downsampling of"):
+        prepare_latents(images, tmp_path / "z.pt", vae=str(tiny_vae), image_size=15, batch_size=4)
+    assert not (tmp_path / "z.pt").exists()

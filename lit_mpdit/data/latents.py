@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lit_mpdit.data.base import Batch, BatchDataset, HeldOutDataModule, Indices, draw_images, keep_batch
 from lit_mpdit.data.image_folder import ImageFileDataset, scan_image_folder
-from lit_mpdit.errors import ConfigError, check_choice
+from lit_mpdit.errors import ConfigError, check_choice, check_output_file, check_range
 from lit_mpdit.images import to_uint8
 
 LATENT_KEYS = ("mean", "std", "labels", "shift", "scale", "vae")  # required; optional: num_classes, class_names, image_size
@@ -255,10 +255,16 @@ def prepare_latents(
 ) -> Path:
     """Encode the class-per-folder tree `image_root` and write `out` (.pt, read memory-mapped, or .npz)."""
     check_choice("--dtype", dtype, STORAGE_DTYPES)
-    check_choice("--out suffix", Path(out).suffix, (".pt", ".npz"))
+    check_output_file(out, "--out", (".pt", ".npz"))  # before minutes of encoding whose result it would lose
+    check_range("--image-size", image_size, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--workers", num_workers, 0)
     files, labels, class_names = scan_image_folder(image_root, option="--images")  # fail before loading the VAE
     vae = resolve_vae(vae)
     model = load_vae(vae, device)
+    factor = 2 ** (len(model.config.block_out_channels) - 1)  # the encoder halves the side at each level but the last
+    if image_size % factor:
+        raise ConfigError(f"--image-size: {image_size} is not a multiple of {factor}, the downsampling of {vae}; allowed: {factor}, {2 * factor}, {3 * factor}, …")
     dataset = ImageFileDataset(files, torch.tensor(labels), image_size, channels=model.config.in_channels)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=keep_batch)
     generator = torch.Generator(device).manual_seed(seed)
