@@ -23,13 +23,17 @@ def lr_folder(out: Path, lr: float) -> Path:
 
 
 def lr_table(out: Path) -> pd.DataFrame:
-    """One row per finished (cell, learning rate) under `out`, best FID first within each cell."""
+    """One row per finished (cell, learning rate) under `out`, by cell and learning rate. `best_for_cell` marks
+    the lowest FID of each cell; `best_at_edge` says that best is the smallest or largest rate searched, so
+    the optimum may lie outside the grid and the search should be widened before its choice is trusted."""
     rows = []
     for result in sorted(out.glob("lr*/cells/*/result.json")):
         record = json.loads(result.read_text())
         rows.append({k: record.get(k) for k in ("cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s")})
     table = pd.DataFrame(rows, columns=["cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s"])
     table["best_for_cell"] = table.fid == table.groupby("cell").fid.transform("min")
+    lowest, highest = table.groupby("cell").lr.transform("min"), table.groupby("cell").lr.transform("max")
+    table["best_at_edge"] = table.best_for_cell & ((table.lr == lowest) | (table.lr == highest))
     return table.sort_values(["cell", "lr"]).reset_index(drop=True)
 
 

@@ -34,8 +34,14 @@ def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
         cell = lr_folder(tmp_path, lr) / "cells" / "adaln-A-s0"
         cell.mkdir(parents=True)
         (cell / "result.json").write_text(json.dumps({"cell": "adaln-A-s0", "lr": lr, "fid": fid, "status": "complete"}))
+    for lr, fid in ((1e-3, 140.0), (3e-3, 120.0), (1e-2, 100.0)):  # rung E: still falling at the largest rate
+        cell = lr_folder(tmp_path, lr) / "cells" / "adaln-E-s0"
+        cell.mkdir(parents=True)
+        (cell / "result.json").write_text(json.dumps({"cell": "adaln-E-s0", "lr": lr, "fid": fid, "status": "complete"}))
     table = lr_table(tmp_path)
-    assert list(table.lr) == [1e-3, 3e-3, 1e-2] and list(table.best_for_cell) == [False, True, False]
+    a, e = table[table.cell == "adaln-A-s0"], table[table.cell == "adaln-E-s0"]
+    assert list(a.lr) == [1e-3, 3e-3, 1e-2] and list(a.best_for_cell) == [False, True, False] and not a.best_at_edge.any()
+    assert list(e.best_for_cell) == [False, False, True] and list(e.best_at_edge) == [False, False, True]
 
 
 def test_a_fixed_learning_rate_is_refused_where_it_cannot_apply(tmp_path):
