@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning  # noqa: F401 - binds its log handler to the session's stderr, not to one in-process test's
 import pytest
+import torch
 
 from ablations.sweep import main as sweep_main
 from lit_mpdit.cli import main as cli_main
@@ -27,6 +28,10 @@ CASES = [
     (FIT + ["--model.variant", "bogus"], "model.variant: unknown value 'bogus'; allowed: 'old-mod_opts/adaln'"),
     (FIT + ["--model.flags", "{gate: wobble}"], "model.mp gate: unknown value 'wobble'; allowed: 'scalar', 'one_plus', 'rotation'"),
     (FIT + ["--trainer.precision", "16-mixed"], "--trainer.precision: 16-mixed needs a GPU"),
+    pytest.param(
+        FIT + ["--trainer.accelerator", "gpu"], "--trainer.accelerator: gpu asked for, but this machine has no CUDA GPU; allowed here: cpu, auto",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+    ),
     (["sample", "--ckpt", "none.ckpt", "--steps", "0"], "--steps: 0 is out of range; allowed: ≥ 1"),
     (["sample", "--ckpt", "none.ckpt", "--per-class", "0"], "--per-class: 0 is out of range"),
     (["sample", "--ckpt", "none.ckpt", "--guidance", "-1"], "--guidance: -1.0 is out of range"),
@@ -84,7 +89,12 @@ def refused(entry, argv, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a[len(FIT) :] if a[0] == "fit" else a) for a, _ in CASES])
+def case_id(case) -> str:
+    argv = (case.values if hasattr(case, "values") else case)[0]  # a tuple, or a pytest.param with marks
+    return " ".join(argv[len(FIT) :] if argv[0] == "fit" else argv)
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[case_id(c) for c in CASES])
 def test_bad_input_is_one_line_naming_the_option(workdir, capsys, argv, message):
     before = snapshot(workdir)
     err = refused(cli_main, argv, capsys)
