@@ -76,10 +76,10 @@ class MPFlags:
     mlp_activation: str = "gelu"  # DiT's GELU(tanh) in the MLP, or SiLU (mp_silu overrides both)
 
     def __post_init__(self):
-        for name, allowed in CHOICES.items():
-            check_choice(f"model.mp {name}", getattr(self, name), allowed)
+        for name, allowed in CHOICES.items():  # set by --model.norm, or by --model.flags for the rest
+            check_choice("model.norm" if name == "norm" else f"model.flags.{name}", getattr(self, name), allowed)
         if self.time_channels < 0:
-            raise ConfigError(f"model.mp time_channels: must be a positive integer or 0 (the width), got {self.time_channels}")
+            raise ConfigError(f"model.flags.time_channels: must be a positive integer or 0 (the width), got {self.time_channels}")
 
     @property
     def family(self) -> str:

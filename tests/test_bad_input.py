@@ -25,8 +25,9 @@ CASES = [
     (FIT + ["--model.num_timesteps", "0"], "model.num_timesteps: 0 is out of range"),
     (FIT + ["--model.sample_steps", "2000"], "model.sample_steps: 2000 is out of range; allowed: ≥ 1 and ≤ 1000"),
     (FIT + ["--model.guidance", "-2"], "model.guidance: -2.0 is out of range; allowed: ≥ 0"),
+    (FIT + ["--model.norm", "batchnorm"], "model.norm: unknown value 'batchnorm'; allowed: 'layernorm', 'rmsnorm', 'none'"),
     (FIT + ["--model.variant", "bogus"], "model.variant: unknown value 'bogus'; allowed: 'old-mod_opts/adaln'"),
-    (FIT + ["--model.flags", "{gate: wobble}"], "model.mp gate: unknown value 'wobble'; allowed: 'scalar', 'one_plus', 'rotation'"),
+    (FIT + ["--model.flags", "{gate: wobble}"], "model.flags.gate: unknown value 'wobble'; allowed: 'scalar', 'one_plus', 'rotation'"),
     (FIT + ["--trainer.precision", "16-mixed"], "--trainer.precision: 16-mixed needs a GPU"),
     pytest.param(
         FIT + ["--trainer.accelerator", "gpu"], "--trainer.accelerator: gpu asked for, but this machine has no CUDA GPU; allowed here: cpu, auto",
@@ -165,6 +166,7 @@ FILE_CASES = [
     (["fit", "--config", CONFIG, "--data", "lit_mpdit.data.LatentsDataModule", "--data.path", "{float_labels}"], "{float_labels}: labels are float32 (4,); expected integers"),
     (["fid", "{notzip}", "fashion_mnist_sample:test"], "{notzip}: not an .npz of images"),
     (["fid", "{pngs}", "fashion_mnist_sample:test"], "{pngs}/broken.png: not a readable image"),
+    (["fid", "fashion_mnist_sample:test", "{notzip}"], "{notzip}: not an .npz of images"),  # read before the first set's features
 ]
 
 

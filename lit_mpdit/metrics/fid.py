@@ -350,13 +350,12 @@ def load_images(spec: str, n: int | None = None) -> torch.Tensor:
 # Command line
 
 
-def _features(spec: str, n: int | None, net: InceptionFeatures, cache_dir: str | None) -> torch.Tensor:
-    """Features of an image set; dataset splits (the usual reference sets) through the cache."""
+def _features(spec: str, images: torch.Tensor, net: InceptionFeatures, cache_dir: str | None) -> torch.Tensor:
+    """Features of the image set `spec` (its `images`); dataset splits (the usual reference sets) through the cache."""
     parsed = parse_dataset_spec(spec)
     if parsed is None or Path(spec).exists():
-        return net(load_images(spec, n))
-    dataset, split, count = parsed
-    images = load_images(spec, n)  # cheap next to the network; fixes the actual N for the key
+        return net(images)
+    dataset, split, _ = parsed
     return reference_features(f"{dataset}:{split}", lambda: images, len(images), net=net, cache_dir=cache_dir)
 
 
@@ -379,12 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cache_dir is not None:
         check_writable(args.cache_dir, "--cache-dir")
     start = time.perf_counter()
+    # Both sets are read (and so checked) before minutes of features: loading is cheap next to the network.
+    images = {spec: load_images(spec, args.n) for spec in (args.real, args.fake)}
+    for spec, batch in images.items():
+        if len(batch) < 2:
+            raise ConfigError(f"{spec}: FID needs at least 2 images, found {len(batch)}")
     net = InceptionFeatures(args.precision, batch_size=args.batch_size)
-    real = _features(args.real, args.n, net, args.cache_dir)
-    fake = _features(args.fake, args.n, net, args.cache_dir)
-    for spec, feats in ((args.real, real), (args.fake, fake)):
-        if len(feats) < 2:
-            raise ConfigError(f"{spec}: FID needs at least 2 images, found {len(feats)}")
+    real = _features(args.real, images[args.real], net, args.cache_dir)
+    fake = _features(args.fake, images[args.fake], net, args.cache_dir)
     result: dict[str, object] = {"fid": fid_from_features(real, fake), "n_real": len(real), "n_fake": len(fake)}
     if args.bootstrap:
         result["ci95"] = list(bootstrap_fid(real, fake, n_boot=args.bootstrap, seed=args.seed))
