@@ -1,7 +1,8 @@
 """The learning-rate search behind a profile's `lr`: a log grid per family on the claim cells, at the profile's
 budget, one seed, each learning rate a sweep of its own (so a rerun resumes it).
 
-    python -m ablations.lr_search --profile cpu        # results/ablations/lr_search/cpu/: lr_table.md and the runs
+    python -m ablations.lr_search --profile cpu          # results/ablations/lr_search/cpu/: lr_table.md and the runs
+    python -m ablations.lr_search --profile cpu --table  # the table of the cells finished so far, no training
 
 The grid is the profile's `lr_search: {standard: [...], mp: [...], cells: [...]}`. The table gives FID per
 (cell, learning rate); the profile's `lr` then names the best of each family, with a comment naming this search.
@@ -48,6 +49,11 @@ def search(profile_name: str, out: Path) -> pd.DataFrame:
     for cell in spec["cells"]:
         for lr in spec[grid_flags_of(cell).family]:
             sweep(profile_name, lr_folder(out, lr), None, None, "grid", None, [cell], lr)
+    return write_table(profile_name, out)
+
+
+def write_table(profile_name: str, out: Path) -> pd.DataFrame:
+    """lr_table.csv and lr_table.md of the finished cells under `out` (all of them, or so far)."""
     table = lr_table(out)
     table.to_csv(out / "lr_table.csv", index=False)
     (out / "lr_table.md").write_text(
@@ -61,9 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ablations.lr_search", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="cpu")
     p.add_argument("--out", default=None, help="default: results/ablations/lr_search/<profile>")
+    p.add_argument("--table", action="store_true", help="only write the table of the cells finished so far")
     args = p.parse_args(argv)
+    out = Path(args.out or f"results/ablations/lr_search/{args.profile}")
     try:
-        table = search(args.profile, Path(args.out or f"results/ablations/lr_search/{args.profile}"))
+        table = write_table(args.profile, out) if args.table else search(args.profile, out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

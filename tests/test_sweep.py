@@ -42,6 +42,12 @@ def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
     a, e = table[table.cell == "adaln-A-s0"], table[table.cell == "adaln-E-s0"]
     assert list(a.lr) == [1e-3, 3e-3, 1e-2] and list(a.best_for_cell) == [False, True, False] and not a.best_at_edge.any()
     assert list(e.best_for_cell) == [False, False, True] and list(e.best_at_edge) == [False, False, True]
+    from ablations.lr_search import main
+
+    main(["--profile", "cpu", "--out", str(tmp_path), "--table"])  # no training: the table of what is there
+    written = pd.read_csv(tmp_path / "lr_table.csv")
+    assert list(written.fid) == list(table.fid) and list(written.best_at_edge) == list(table.best_at_edge)
+    assert "| adaln-E-s0 |" in (tmp_path / "lr_table.md").read_text()
 
 
 def test_a_fixed_learning_rate_is_refused_where_it_cannot_apply(tmp_path):
