@@ -54,6 +54,8 @@ def search(profile_name: str, out: Path) -> pd.DataFrame:
 
 def write_table(profile_name: str, out: Path) -> pd.DataFrame:
     """lr_table.csv and lr_table.md of the finished cells under `out` (all of them, or so far)."""
+    if not any(out.glob("lr*/cells/*/result.json")):
+        raise ConfigError(f"--out: no finished learning-rate cell in {out}; allowed: the folder of a search (python -m ablations.lr_search --profile {profile_name})")
     table = lr_table(out)
     table.to_csv(out / "lr_table.csv", index=False)
     (out / "lr_table.md").write_text(

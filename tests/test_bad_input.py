@@ -143,6 +143,15 @@ def test_bad_sweep_input_is_one_line_naming_the_option(workdir, capsys, argv, me
     assert snapshot(workdir) == before and not os.path.exists(workdir / "sweep")
 
 
+def test_a_learning_rate_table_of_no_search_is_refused(workdir, capsys):
+    from ablations.lr_search import main as lr_search_main
+
+    before = snapshot(workdir)
+    err = refused(lr_search_main, ["--profile", "cpu", "--table", "--out", str(workdir / "nowhere")], capsys)
+    assert "error: --out: no finished learning-rate cell in" in err and err.count("\n") == 1
+    assert snapshot(workdir) == before
+
+
 def bad_files(folder: Path) -> dict[str, Path]:
     """Files a user might pass by mistake: a foreign checkpoint, latents of the wrong types, broken images."""
     import numpy as np
