@@ -69,7 +69,7 @@ def check_latent_arrays(path: Path, record: dict[str, Any]) -> None:
         raise ConfigError(f"{path}: labels are {labels.dtype} {labels.shape}; expected integers, one per latent ({mean.shape[0]})")
     for key in ("shift", "scale"):
         if arrays[key].shape != mean.shape[1:2]:
-            raise ConfigError(f"{path}: {key} {arrays[key].shape} must hold one value per channel ({mean.shape[1]})")
+            raise ConfigError(f"{path}: {key} {arrays[key].shape} must be one value per channel ({mean.shape[1]})")
 
 
 def load_latents(path: str | Path) -> dict[str, Any]:
