@@ -286,8 +286,9 @@ class PublishedDataModule(ImageDataModule):
     file_names: Sequence[str]  # every file the folder must hold
     how_to_get: str  # how to get the files, for the message when they are nowhere
 
+    @abstractmethod
     def _candidates(self) -> list[Path]:
-        raise NotImplementedError
+        """The folders to look in, in order."""
 
     def _directory(self) -> Path | None:
         return next((d for d in self._candidates() if all((d / n).is_file() for n in self.file_names)), None)
