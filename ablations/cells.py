@@ -234,6 +234,11 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
     if result_path.exists():  # finished before an interruption: read back, never retrain
         return json.loads(result_path.read_text())
     cell_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    # The cells of a sweep share one process: without a reset, a compiled profile's cells would pile up guards
+    # on the same code until dynamo's recompile limit sends the rest to eager. Kernels stay cached on disk.
+    torch._dynamo.reset()
     cli = lightning_cli(args=cell_config(profile, cell, cell_dir, lr, run_id, tracking_uri), run=False)
     last = cell_dir / "checkpoints" / "last.ckpt"
     if last.exists() and not readable_checkpoint(last):  # killed while writing it: start the cell again

@@ -3,6 +3,7 @@ budget, one seed, each learning rate a sweep of its own (so a rerun resumes it).
 
     python -m ablations.lr_search --profile cpu          # results/ablations/lr_search/cpu/: lr_table.md and the runs
     python -m ablations.lr_search --profile cpu --table  # the table of the cells finished so far, no training
+    mlflow ui --backend-store-uri sqlite:///results/ablations/lr_search/cpu/mlflow.db   # every rate's runs
 
 The grid is the profile's `lr_search: {standard: [...], mp: [...], cells: [...]}`. The table gives FID per
 (cell, learning rate); the profile's `lr` then names the best of each family, with a comment naming this search.
@@ -46,9 +47,10 @@ def search(profile_name: str, out: Path) -> pd.DataFrame:
     spec = profile.get("lr_search")
     if not spec:
         raise ConfigError(f"--profile: {profile_name} has no lr_search grid; allowed: profiles with lr_search")
+    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"  # one MLflow store for the search: every rate's runs side by side
     for cell in spec["cells"]:
         for lr in spec[grid_flags_of(cell).family]:
-            sweep(profile_name, lr_folder(out, lr), None, None, "grid", None, [cell], lr)
+            sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr)
     return write_table(profile_name, out)
 
 
@@ -56,6 +58,9 @@ def write_table(profile_name: str, out: Path) -> pd.DataFrame:
     """lr_table.csv and lr_table.md of the finished cells under `out` (all of them, or so far)."""
     if not any(out.glob("lr*/cells/*/result.json")):
         raise ConfigError(f"--out: no finished learning-rate cell in {out}; allowed: the folder of a search (python -m ablations.lr_search --profile {profile_name})")
+    from ablations.sweep import relocate_artifacts
+
+    relocate_artifacts(out)  # a clone's copy of the search: its MLflow runs find their artifacts here
     table = lr_table(out)
     table.to_csv(out / "lr_table.csv", index=False)
     (out / "lr_table.md").write_text(

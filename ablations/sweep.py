@@ -114,8 +114,10 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
 
             low, high = tpe_space[grid_flags(cell.conditioning, cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
-        mlflow.set_tag("mlflow.runName", cell.id if tpe_space is None else f"{cell.id}-lr{lr:.2e}")
+        mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
         mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed, "trial": trial.number})
+        if lr is not None:
+            mlflow.log_param("lr", lr)
         cell_dir = out / "cells" / (cell.id if tpe_space is None else f"{cell.id}-t{trial.number}")
         try:
             record = run_cell(profile, cell, cell_dir, lr=lr, run_id=run.info.run_id, tracking_uri=tracking_uri)
@@ -308,7 +310,9 @@ def sweep(
     make_out(out)
 
     storage_url = storage_url or f"sqlite:///{out / 'optuna.db'}"
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    # Not $MLFLOW_TRACKING_URI here: mlflow.set_tracking_uri writes it, so a second sweep in one process (a
+    # learning-rate search) would log into the first one's store. main() reads it, before any sweep.
+    tracking_uri = tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     ids = [c.id for c in cells]
     tpe_space = load_yaml(HERE / "profiles.yaml")["tpe"]["lr"] if mode == "tpe" else None
     sampler = cell_grid(ids) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
@@ -338,8 +342,8 @@ def sweep(
     return report_dir
 
 
-def relocate_artifacts(out: Path) -> None:
-    """Point the sweep folder's own MLflow store (out/mlflow.db) at its own out/mlartifacts/.
+def relocate_artifacts(folder: Path) -> None:
+    """Point the MLflow store folder/mlflow.db at folder/mlartifacts/, the artifacts beside it.
 
     MLflow records artifact locations as absolute file URIs of the machine that ran the sweep; a clone or a
     copy of the folder elsewhere would list the runs without their grids, tables and plots. Every location
@@ -347,10 +351,10 @@ def relocate_artifacts(out: Path) -> None:
     """
     import sqlite3
 
-    db = out / "mlflow.db"
+    db = folder / "mlflow.db"
     if not db.exists():
         return
-    here = (out / "mlartifacts").resolve().as_uri()
+    here = (folder / "mlartifacts").resolve().as_uri()
     with closing(sqlite3.connect(db)) as con, con:
         for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
             for rowid, uri in con.execute(f"SELECT rowid, {column} FROM {table}").fetchall():
@@ -359,20 +363,29 @@ def relocate_artifacts(out: Path) -> None:
                     con.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", (here + rest, rowid))
 
 
+def local_store(tracking_uri: str) -> Path | None:
+    """The folder of a tracking URI that is a SQLite file named mlflow.db (its artifacts go beside it), else None."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix) or not tracking_uri.endswith("/mlflow.db"):
+        return None
+    return Path(tracking_uri[len(prefix) :]).parent
+
+
 def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str]):
     """Create or load the Optuna study and the MLflow experiment, one worker at a time: workers started
     together would otherwise create the same SQLite schemas at once, and one of them would crash."""
     import mlflow
     import optuna
 
+    store = local_store(tracking_uri)
     with exclusive(out / ".init.lock"):
-        if tracking_uri == f"sqlite:///{out / 'mlflow.db'}":
-            relocate_artifacts(out)
+        if store is not None:
+            relocate_artifacts(store)
         study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
         study.set_user_attr("cells", cells)
         mlflow.set_tracking_uri(tracking_uri)
         if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns
-            mlflow.create_experiment(study_name, artifact_location=(out / "mlartifacts").resolve().as_uri())
+            mlflow.create_experiment(study_name, artifact_location=((store or out) / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(study_name)
     return study
 
@@ -414,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--compare: no finished sweep in {args.compare} (it has no fid_table.csv)")
         out = Path(args.out or f"results/ablations/{args.profile}")
         cells = args.cells.split(",") if args.cells else None
-        report = sweep(args.profile, out, args.storage, args.tracking_uri, args.mode, args.n_trials, cells, args.lr)
+        tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        report = sweep(args.profile, out, args.storage, tracking_uri, args.mode, args.n_trials, cells, args.lr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

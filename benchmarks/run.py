@@ -32,6 +32,7 @@ from lit_mpdit.runtime import keep_freed_memory
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (size, input_size, channels, classes, batches)
     "C/4 fmnist": ("C/4", 28, 1, 10, (128,)),  # the CPU default (configs/fmnist.yaml)
+    "T/4 fmnist": ("T/4", 28, 1, 10, (128,)),  # the cpu ablation profile's model (ablations/profiles.yaml)
     "S/4 latents": ("S/4", 16, 4, 1000, (32, 128)),  # the paper's S/4 on 128-px ImageNet latents
     "T/4 tiny": ("T/4", 8, 1, 10, (4,)),  # for tests of this script only
 }
@@ -75,12 +76,17 @@ def timed(fn) -> float:
 class Config:
     """One module and its inputs; `step()` is one optimizer step on a fixed batch."""
 
-    def __init__(self, setting: str, conditioning: str, mp: str, batch: int, precision: str, gains: str = "per_head"):
+    def __init__(
+        self, setting: str, conditioning: str, mp: str, batch: int, precision: str, gains: str = "per_head", compiled: bool = False, optimizer: str = "auto"
+    ):
         size, input_size, channels, classes, _ = SETTINGS[setting]
         self.key = {"setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch, "precision": precision, "gains": gains}
         torch.manual_seed(0)
         flags = None if gains == "per_head" else {"gains": gains}  # `shared`: the one gain the heads had before
-        self.module = DiffusionModule(size=size, conditioning=conditioning, mp=mp, flags=flags, input_size=input_size, in_channels=channels, num_classes=classes)
+        self.module = DiffusionModule(
+            size=size, conditioning=conditioning, mp=mp, flags=flags, input_size=input_size, in_channels=channels, num_classes=classes, compile=compiled, optimizer=optimizer
+        )
+        self.compiled, self.clip = compiled, self.module.preset().clip
         self.dtype = PRECISIONS[precision]
         self.x = torch.randn(batch, channels, input_size, input_size)
         self.y = torch.randint(0, classes, (batch,))
@@ -94,6 +100,8 @@ class Config:
             loss = self.module.losses(self.x, self.y)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip is not None:  # the preset's clipping, as Lightning applies it
+            torch.nn.utils.clip_grad_norm_(self.module.net.parameters(), self.clip)
         self.optimizer.step()
 
     def train_gflops(self) -> float:

@@ -101,7 +101,7 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddpm",  # for grids and `sample`
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
-        compile: bool = False,  # torch.compile the network's forward (GPUs; on CPUs it compiles for minutes)
+        compile: bool = False,  # torch.compile the network's training pass (forward and backward); sampling stays eager
         predict_per_class: int = 8,  # `predict`: images drawn per class (with the sampling options above)
     ):
         super().__init__()
@@ -127,8 +127,10 @@ class DiffusionModule(L.LightningModule):
             size, input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma, **design
         )
         self.diffusion = GaussianDiffusion(num_timesteps, learn_sigma=learn_sigma)
-        if compile:
-            self.net.compile()  # in place: parameter names, checkpoints and EMA copies stay those of the eager net
+        # Only the training pass is compiled: evaluation runs the network in eval mode without gradients, at
+        # other batch sizes, each of which would compile a graph of its own for a few hundred passes.
+        # Kept outside the module's registry, so parameter names, checkpoints and EMA copies are the eager net's.
+        self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False) if compile else None
 
     @property
     def null_class(self) -> int:
@@ -212,7 +214,8 @@ class DiffusionModule(L.LightningModule):
         part = slice(rank * len(x), (rank + 1) * len(x))
         k = torch.randint(0, self.diffusion.num_steps, (world * len(x),), device=x.device, generator=generator)[part]
         noise = torch.randn((world * len(x), *x.shape[1:]), device=x.device, generator=generator)[part]
-        return {k_: v.mean() for k_, v in self.diffusion.training_losses(self.net, x, k, y, noise).items()}
+        net = self._compiled_net if self._compiled_net is not None and self.net.training else self.net
+        return {k_: v.mean() for k_, v in self.diffusion.training_losses(net, x, k, y, noise).items()}
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -1,6 +1,8 @@
 """`make bench` on a tiny setting: every configuration measured, every target computed, both reports written."""
 import json
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -35,3 +37,16 @@ def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_
     assert all(v > 0 for v in report["sampler"]["images_per_s"].values()) and report["inception"]["images_per_s"] > 0
     assert report["bootstrap"]["max_relative_difference"] < 1e-6
     assert "| sampler (T/4" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_compile_bench_times_every_variant_and_computes_the_speed_targets(tmp_path):
+    import bench_compile
+
+    report = bench_compile.main(["--settings", "T/4 tiny", "--rounds", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "compile.json").read_text()) == json.loads(json.dumps(report))
+    variants = {(r["conditioning"], r["mp"], r["precision"], r["compiled"]) for r in report["rows"]}
+    assert variants == {(c, mp, p, k) for c, mp in bench_compile.MODELS for p, k in bench_compile.VARIANTS}
+    assert all(r["step_s"] > 0 and (r["compile_s"] > 0) == r["compiled"] for r in report["rows"])
+    assert {t["target"] for t in report["targets"]} == set(bench_compile.TARGETS)
+    assert "| cpu profile's training / eager fp32, compile included |" in (tmp_path / "compile.md").read_text()

@@ -136,6 +136,34 @@ def test_a_sweep_without_its_dataset_is_refused_before_writing(tmp_path, monkeyp
     assert not (tmp_path / "paper").exists()
 
 
+def test_each_sweep_of_a_process_logs_into_its_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI: a learning-rate search, one sweep per rate in one
+    process, once logged every rate into the first rate's store."""
+    import mlflow
+
+    import ablations.sweep as sweep_module
+
+    class Opened(Exception):
+        pass
+
+    def opened(out, study_name, storage_url, tracking_uri, sampler, cells):
+        raise Opened(tracking_uri)
+
+    monkeypatch.setattr(sweep_module, "open_stores", opened)
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored after the test, with the variable
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'first' / 'mlflow.db'}")  # what the first sweep leaves behind
+    with pytest.raises(Opened) as second:
+        sweep("smoke", tmp_path / "second", None, None, "grid", None, CELLS[:1])
+    assert second.value.args[0] == f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-the-shell.db")  # set by the user: the command line obeys it
+    with pytest.raises(Opened) as shell:
+        sweep_module.main(["--profile", "smoke", "--out", str(tmp_path / "third"), "--cells", CELLS[0]])
+    assert shell.value.args[0] == "sqlite:///from-the-shell.db"
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
