@@ -44,9 +44,12 @@ report: setup
 	@for d in $(patsubst %/sweep_run.json,%,$(wildcard results/ablations/*/sweep_run.json)); do \
 	  case $$d in *-20*) continue;; esac; $(PY) -m ablations.report $$d || exit 1; done
 
+# DIT=<a checkout of facebookresearch/DiT> adds the reference's training step beside this suite's.
 bench: setup data
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_compile.py
+	$(if $(DIT),$(PY) benchmarks/bench_reference.py --dit $(DIT))
 
 clean:
 	rm -rf $(VENV) results/runs results/cache

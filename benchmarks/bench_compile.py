@@ -1,7 +1,7 @@
 """Training steps eager against compiled (`--model.compile true`), fp32 against bf16-mixed, rung A against rung E,
 for the cpu profile's model and the paper's S/4 on latents: the ratios of the speed issue, from one run.
 
-    python benchmarks/bench_compile.py [--settings "T/4 fmnist" "S/4 latents"] [--rounds 5] [--out results/bench]
+    python benchmarks/bench_compile.py [--settings "T/4 fmnist" "S/4 latents"] [--strategies adaln ...] [--rounds 5] [--out results/bench]
 
 Writes results/bench/compile.json and compile.md. One fresh process per setting, with an empty inductor cache,
 so every compile time is a cold one (the first cell of a (strategy, rung) in a sweep pays it; cells after it
@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from lit_mpdit.conditioning import NAMED_STRATEGIES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import SETTINGS, Config, timed, write_report  # noqa: E402
 
 BENCH_SETTINGS = {"T/4 fmnist": 128, "S/4 latents": 32, "T/4 tiny": 4}  # setting: batch (the cpu profile's; the issue's S/4 b32; tests)
 DEFAULT_SETTINGS = ("T/4 fmnist", "S/4 latents")
-MODELS = [(c, mp) for mp in ("A", "E") for c in ("adaln", "rotation+scale")]
+RUNGS = ("A", "E")
 VARIANTS = [("fp32", False), ("bf16-mixed", False), ("fp32", True), ("bf16-mixed", True)]  # (precision, compiled)
 CELL_STEPS = 2000  # the cpu profile's steps, for the compile's share of a cell
 TARGETS = {  # the speed issue's done-means
@@ -36,11 +38,11 @@ TARGETS = {  # the speed issue's done-means
 }
 
 
-def bench_setting(setting: str, batch: int, rounds: int) -> list[dict]:
+def bench_setting(setting: str, batch: int, strategies: list[str], rounds: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: nothing compiled by an earlier run
         torch._dynamo.config.cache_size_limit = 64  # eight compiled models of one class in one process
-        configs = [Config(setting, c, mp, batch, precision, compiled=compiled, optimizer="paper") for c, mp in MODELS for precision, compiled in VARIANTS]
+        configs = [Config(setting, c, mp, batch, precision, compiled=compiled, optimizer="paper") for mp in RUNGS for c in strategies for precision, compiled in VARIANTS]
         first = {id(c): timed(c.step) for c in configs}  # compiles forward and backward, or warms the allocator and oneDNN
         best = {id(c): float("inf") for c in configs}
         for _ in range(rounds):
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(BENCH_SETTINGS))
+    p.add_argument("--strategies", nargs="+", default=list(NAMED_STRATEGIES), choices=list(NAMED_STRATEGIES))
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the fastest counts)")
     p.add_argument("--out", default="results/bench")
     args = p.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         for setting in args.settings:
-            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.rounds).result()
+            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds).result()
     report = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": shlex.join(["python", "benchmarks/bench_compile.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import torch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -43,10 +44,35 @@ def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_
 def test_the_compile_bench_times_every_variant_and_computes_the_speed_targets(tmp_path):
     import bench_compile
 
-    report = bench_compile.main(["--settings", "T/4 tiny", "--rounds", "1", "--out", str(tmp_path)])
+    report = bench_compile.main(["--settings", "T/4 tiny", "--strategies", "adaln", "--rounds", "1", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "compile.json").read_text()) == json.loads(json.dumps(report))
     variants = {(r["conditioning"], r["mp"], r["precision"], r["compiled"]) for r in report["rows"]}
-    assert variants == {(c, mp, p, k) for c, mp in bench_compile.MODELS for p, k in bench_compile.VARIANTS}
+    assert variants == {("adaln", mp, p, k) for mp in bench_compile.RUNGS for p, k in bench_compile.VARIANTS}
     assert all(r["step_s"] > 0 and (r["compile_s"] > 0) == r["compiled"] for r in report["rows"])
     assert {t["target"] for t in report["targets"]} == set(bench_compile.TARGETS)
     assert "| cpu profile's training / eager fp32, compile included |" in (tmp_path / "compile.md").read_text()
+
+
+def test_the_reference_bench_refuses_a_folder_without_dits_code_before_work(tmp_path, capsys):
+    import bench_reference
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_reference.main(["--dit", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "--dit: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_stand_ins_for_timms_layers_compute_attention_and_patches_as_defined(tmp_path):
+    """DiT's models.py runs on them (bench_reference): a patch is a strided convolution, attention is softmax(qkᵀ/√d)v."""
+    import bench_reference
+
+    torch.manual_seed(0)
+    embed = bench_reference.PatchEmbed(8, 4, 3, 16)
+    x = torch.randn(2, 3, 8, 8)
+    first = x[:, :, :4, :4].reshape(2, -1) @ embed.proj.weight.reshape(16, -1).T + embed.proj.bias
+    torch.testing.assert_close(embed(x)[:, 0], first)
+    assert embed.num_patches == 4 and embed.patch_size == (4, 4)
+    attn, tokens = bench_reference.Attention(16, num_heads=2, qkv_bias=True), torch.randn(2, 5, 16)
+    q, k, v = attn.qkv(tokens).reshape(2, 5, 3, 2, 8).unbind(2)
+    heads = [torch.softmax(q[..., h, :] @ k[..., h, :].transpose(1, 2) / 8**0.5, -1) @ v[..., h, :] for h in range(2)]
+    torch.testing.assert_close(attn(tokens), attn.proj(torch.cat(heads, -1)))

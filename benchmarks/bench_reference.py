@@ -1,0 +1,166 @@
+"""This suite's training step against facebookresearch/DiT's, timed in the same interleaved rounds: the paper's
+S/4 on 16×16×4 latents (128-px ImageNet), batch 32, each system with its own loss and optimizer.
+
+    git clone https://github.com/facebookresearch/DiT /tmp/DiT     # outside this repository: nothing of it is copied
+    python benchmarks/bench_reference.py --dit /tmp/DiT [--rounds 10] [--out results/bench]
+
+Writes results/bench/reference.json and reference.md. DiT's side is its own `models.py` (DiT-S/4, learned sigma)
+and its own `diffusion` package (`create_diffusion(timestep_respacing="")`, L_simple + L_vlb) with its train.py's
+AdamW (lr 1e-4, no weight decay), in fp32 and eager as train.py runs it. Neither side updates an EMA in the timed
+step (DiT's train.py does one per step, the suite's Lightning callback too): the step is forward, loss, backward,
+optimizer. This suite's side is the cpu profile's: the `paper` preset (Adam, gradient clipping), in fp32 eager
+and with the profile's bf16-mixed and compiled training pass.
+
+DiT's models.py imports PatchEmbed, Attention and Mlp from timm, and timm needs torchvision, which does not import
+beside the CPU torch this suite pins. `timm_layers` registers stand-ins under timm's module name that compute what
+timm 1.0's layers compute for DiT's arguments (a strided convolution and flatten; qkv projection, fused
+scaled-dot-product attention, output projection; two linears around the activation), with timm's attribute names,
+so DiT's own initialisation and forward run unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Config, timed, write_report  # noqa: E402
+
+BATCH, INPUT, CHANNELS, CLASSES = 32, 16, 4, 1000
+OURS = [("A", "fp32", False), ("A", "bf16-mixed", True), ("E", "fp32", False), ("E", "bf16-mixed", True)]  # (rung, precision, compiled)
+TARGET = 1.3  # the speed issue: this suite's step at the cpu profile's setting ≥ 1.3× DiT's
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, **_):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_features, hidden_features), act_layer(), nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def timm_layers() -> None:
+    """Make `from timm.models.vision_transformer import PatchEmbed, Attention, Mlp` find the stand-ins."""
+    vit = types.ModuleType("timm.models.vision_transformer")
+    vit.PatchEmbed, vit.Attention, vit.Mlp = PatchEmbed, Attention, Mlp
+    models = types.ModuleType("timm.models")
+    models.vision_transformer = vit
+    timm = types.ModuleType("timm")
+    timm.models = models
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.vision_transformer": vit})
+
+
+class Reference:
+    """DiT-S/4 with its own diffusion loss and optimizer; `step()` is one training step of its train.py, EMA aside."""
+
+    def __init__(self, dit: Path):
+        timm_layers()
+        sys.path.insert(0, str(dit))
+        import models
+        from diffusion import create_diffusion
+
+        torch.manual_seed(0)
+        self.model = models.DiT_models["DiT-S/4"](input_size=INPUT, num_classes=CLASSES)
+        self.diffusion = create_diffusion(timestep_respacing="")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
+        self.x, self.y = torch.randn(BATCH, CHANNELS, INPUT, INPUT), torch.randint(0, CLASSES, (BATCH,))
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def step(self) -> None:
+        t = torch.randint(0, self.diffusion.num_timesteps, (BATCH,))
+        loss = self.diffusion.training_losses(self.model, self.x, t, dict(y=self.y))["loss"].mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dit", required=True, help="a checkout of facebookresearch/DiT (its models.py and diffusion/)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (the fastest counts)")
+    p.add_argument("--out", default="results/bench")
+    args = p.parse_args(argv)
+    dit, out = Path(args.dit), Path(args.out)
+    if not (dit / "models.py").is_file() or not (dit / "diffusion" / "__init__.py").is_file():
+        p.error(f"--dit: {dit} has no models.py and diffusion/ of facebookresearch/DiT; clone https://github.com/facebookresearch/DiT there")
+    out.mkdir(parents=True, exist_ok=True)
+    reference = Reference(dit)
+    ours = {key: Config("S/4 latents", "adaln", key[0], BATCH, key[1], compiled=key[2], optimizer="paper") for key in OURS}
+    systems = {"DiT": reference.step, **{key: c.step for key, c in ours.items()}}
+    for step in systems.values():
+        step()  # compiles, or warms the allocator and oneDNN
+    best = {name: float("inf") for name in systems}
+    for _ in range(args.rounds):
+        for name, step in systems.items():
+            best[name] = min(best[name], timed(step))
+    rows = [{"system": "facebookresearch/DiT", "rung": "", "precision": "fp32", "compiled": False, "params": reference.params, "step_s": best["DiT"]}]
+    rows += [
+        {"system": "lit_mpdit", "rung": mp, "precision": precision, "compiled": compiled, "params": sum(q.numel() for q in ours[mp, precision, compiled].module.net.parameters()),
+         "step_s": best[mp, precision, compiled]}
+        for mp, precision, compiled in OURS
+    ]  # fmt: skip
+    for row in rows:
+        row["speed_vs_dit"] = best["DiT"] / row["step_s"]
+    profile = next(r for r in rows if r["rung"] == "A" and r["compiled"])
+    report = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join(["python", "benchmarks/bench_reference.py", *(argv if argv is not None else sys.argv[1:])]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "target": {"value": profile["speed_vs_dit"], "goal": f"≥ {TARGET}", "met": profile["speed_vs_dit"] >= TARGET},
+        "rows": rows,
+    }
+    return write_report(out / "reference", report, markdown(report))
+
+
+def markdown(report: dict) -> str:
+    t = report["target"]
+    return "\n".join([
+        f"# This suite's training step against facebookresearch/DiT's, {report['date_utc']}",
+        "",
+        f"`{report['command']}` on {report['threads']} threads, torch {report['torch']}; S/4 on {INPUT}×{INPUT}×{CHANNELS} latents, "
+        f"batch {BATCH}, {CLASSES} classes; fastest of {report['rounds']} interleaved rounds; forward, loss, backward and optimizer, no EMA.",
+        "",
+        f"Rung A at the cpu profile's setting (bf16-mixed, compiled) against DiT: **{t['value']:.2f}×** (goal {t['goal']}: {'met' if t['met'] else 'not met'}).",
+        "",
+        "| system | rung | precision | compiled | params | step ms | speed vs DiT |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {r['system']} | {r['rung']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['params'] / 1e6:.2f} M | {1e3 * r['step_s']:.0f} | {r['speed_vs_dit']:.2f} |" for r in report["rows"]),
+    ]) + "\n"  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
