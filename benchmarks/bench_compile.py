@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shlex
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +23,7 @@ import torch
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import SETTINGS, Config, timed, write_report  # noqa: E402
+from run import SETTINGS, Config, run_header, timed, write_report  # noqa: E402
 
 BENCH_SETTINGS = {"T/4 fmnist": 128, "S/4 latents": 32, "T/4 tiny": 4}  # setting: batch (the cpu profile's; the S/4 b32; tests)
 DEFAULT_SETTINGS = ("T/4 fmnist", "S/4 latents")
@@ -99,7 +98,6 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import time
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(BENCH_SETTINGS))
@@ -114,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         for setting in args.settings:
             rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds).result()
     report = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["python", "benchmarks/bench_compile.py", *(argv if argv is not None else sys.argv[1:])]),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **run_header("bench_compile.py", argv),
         "rounds": args.rounds,
         "targets": ratios(rows),
         "rows": rows,

@@ -11,7 +11,6 @@ do not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from lit_mpdit.metrics.fid import InceptionFeatures, load_images  # noqa: E402
 from lit_mpdit.metrics.frechet import frechet_distance, resampled_fids  # noqa: E402
 from lit_mpdit.module import DiffusionModule  # noqa: E402
 from lit_mpdit.runtime import keep_freed_memory  # noqa: E402
-from run import write_report  # noqa: E402  (benchmarks/run.py: this script's folder is on the path)
+from run import run_header, write_report  # noqa: E402  (benchmarks/run.py: this script's folder is on the path)
 
 
 def timed(fn) -> float:
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
     report = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["python", "benchmarks/bench_eval.py", *(argv if argv is not None else sys.argv[1:])]),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **run_header("bench_eval.py", argv),
         "profile": args.profile,
         "n_fake": profile["eval"]["n_fake"],
         "bootstrap_resamples": profile["eval"]["bootstrap"],

@@ -20,9 +20,7 @@ so DiT's own initialisation and forward run unchanged.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -30,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_mpdit.cost import n_params
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Config, timed, write_report  # noqa: E402
+from run import Config, run_header, timed, write_report  # noqa: E402
 
 BATCH, INPUT, CHANNELS, CLASSES = 32, 16, 4, 1000
 OURS = [("A", "fp32", False), ("A", "bf16-mixed", True), ("E", "fp32", False), ("E", "bf16-mixed", True)]  # (rung, precision, compiled)
@@ -96,7 +96,7 @@ class Reference:
         self.diffusion = create_diffusion(timestep_respacing="")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
         self.x, self.y = torch.randn(BATCH, CHANNELS, INPUT, INPUT), torch.randint(0, CLASSES, (BATCH,))
-        self.params = sum(p.numel() for p in self.model.parameters())
+        self.params = n_params(self.model)
 
     def step(self) -> None:
         t = torch.randint(0, self.diffusion.num_timesteps, (BATCH,))
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             best[name] = min(best[name], timed(step))
     rows = [{"system": "facebookresearch/DiT", "rung": "", "precision": "fp32", "compiled": False, "params": reference.params, "step_s": best["DiT"]}]
     rows += [
-        {"system": "lit_mpdit", "rung": mp, "precision": precision, "compiled": compiled, "params": sum(q.numel() for q in ours[mp, precision, compiled].module.net.parameters()),
+        {"system": "lit_mpdit", "rung": mp, "precision": precision, "compiled": compiled, "params": n_params(ours[mp, precision, compiled].module.net),
          "step_s": best[mp, precision, compiled]}
         for mp, precision, compiled in OURS
     ]  # fmt: skip
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["speed_vs_dit"] = best["DiT"] / row["step_s"]
     profile = next(r for r in rows if r["rung"] == "A" and r["compiled"])
     report = {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["python", "benchmarks/bench_reference.py", *(argv if argv is not None else sys.argv[1:])]),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **run_header("bench_reference.py", argv),
         "rounds": args.rounds,
         "target": {"value": profile["speed_vs_dit"], "goal": f"≥ {TARGET}", "met": profile["speed_vs_dit"] >= TARGET},
         "rows": rows,

@@ -343,6 +343,16 @@ def main(argv: list[str] | None = None) -> dict:
     return write_report(out / "latest", report, markdown(report))
 
 
+def run_header(script: str, argv: list[str] | None) -> dict:
+    """When, by which command and on what a bench ran: the first keys of every bench's report."""
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
 def write_report(stem: Path, report: dict, text: str) -> dict:
     """A bench's report as JSON and Markdown beside each other (stem.json, stem.md)."""
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
