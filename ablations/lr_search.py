@@ -21,7 +21,9 @@ from lit_mpdit.errors import ConfigError
 
 
 def lr_folder(out: Path, lr: float) -> Path:
-    return out / f"lr{lr:.0e}"
+    """`lr1e-03`, `lr1.6e-02`: the fewest digits that name the rate exactly, so no two rates share a folder."""
+    digits = next(d for d in range(17) if float(f"{lr:.{d}e}") == lr)
+    return out / f"lr{lr:.{digits}e}"
 
 
 def lr_table(out: Path) -> pd.DataFrame:

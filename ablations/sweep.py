@@ -213,6 +213,9 @@ def run_grid(study, objective, cells: list[str], started: float | None = None) -
                 study.enqueue_trial({"cell": cell}, skip_if_exists=False)
         if idle or states["queued"]:
             study.optimize(objective, n_trials=1, catch=(Exception,))
+            last = study.get_trials(deepcopy=False)[-1]
+            if trial_cell(last) is None and RAISED in last.user_attrs:  # it raised before choosing a cell: every retry would too
+                raise RuntimeError(f"a trial raised before choosing its cell: {last.user_attrs[RAISED]}")
         else:
             time.sleep(5)  # every open cell is being trained by another worker
 
@@ -382,6 +385,9 @@ def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str,
         if store is not None:
             relocate_artifacts(store)
         study = optuna.create_study(study_name=study_name, storage=storage_for(storage_url), sampler=sampler, direction="minimize", load_if_exists=True)
+        before = study.user_attrs.get("cells")
+        if before is not None and before != cells and study.get_trials(deepcopy=False):  # Optuna's choices cannot change
+            raise ConfigError(f"--cells: {out} holds a sweep of the cells {', '.join(before)}; allowed: those cells, or another --out for {', '.join(cells)}")
         study.set_user_attr("cells", cells)
         mlflow.set_tracking_uri(tracking_uri)
         if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns

@@ -38,6 +38,7 @@ def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
         cell = lr_folder(tmp_path, lr) / "cells" / "adaln-E-s0"
         cell.mkdir(parents=True)
         (cell / "result.json").write_text(json.dumps({"cell": "adaln-E-s0", "lr": lr, "fid": fid, "status": "complete"}))
+    assert lr_folder(tmp_path, 1.6e-2).name == "lr1.6e-02" != lr_folder(tmp_path, 2e-2).name == "lr2e-02"
     table = lr_table(tmp_path)
     a, e = table[table.cell == "adaln-A-s0"], table[table.cell == "adaln-E-s0"]
     assert list(a.lr) == [1e-3, 3e-3, 1e-2] and list(a.best_for_cell) == [False, True, False] and not a.best_at_edge.any()
@@ -345,6 +346,35 @@ def test_workers_started_together_create_the_stores_once(tmp_path):
     for w in workers:
         w.join()
     assert outcomes == ["ok"] * 3
+
+
+def test_a_sweep_of_other_cells_into_a_folder_is_refused_before_work(tmp_path, monkeypatch):
+    from ablations.sweep import cell_grid, open_stores
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # open_stores sets it: restored after the test
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = open_stores(tmp_path, "lit_mpdit-smoke", storage, tracking, cell_grid(CELLS[:1]), CELLS[:1])
+    study.optimize(lambda trial: float(len(trial.suggest_categorical("cell", CELLS[:1]))), n_trials=1)
+    # 1.6e-2 and 2e-2 once shared a learning-rate folder: the second cell's trials all failed, without end
+    with pytest.raises(ConfigError, match=f"--cells: {tmp_path} holds a sweep of the cells {CELLS[0]}; allowed: those cells, or another --out"):
+        sweep("smoke", tmp_path, storage, tracking, "grid", None, CELLS[1:])
+    assert len(study.get_trials()) == 1 and study.user_attrs["cells"] == CELLS[:1]  # nothing written
+
+
+def test_a_trial_that_raises_before_choosing_its_cell_stops_the_grid():
+    import optuna
+
+    from ablations.sweep import RAISED, cell_grid, run_grid
+
+    study = optuna.create_study(sampler=cell_grid(CELLS))
+
+    def objective(trial):
+        trial.set_user_attr(RAISED, "ValueError: CategoricalDistribution does not support dynamic value space.")
+        raise ValueError("CategoricalDistribution does not support dynamic value space.")
+
+    with pytest.raises(RuntimeError, match="a trial raised before choosing its cell: ValueError: Categorical"):
+        run_grid(study, objective, CELLS)
+    assert len(study.trials) == 1
 
 
 def test_workers_started_together_both_pass_the_writability_probe(tmp_path):
