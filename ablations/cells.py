@@ -282,6 +282,7 @@ def run_cell(profile: dict[str, Any], cell: Cell, cell_dir: Path, *, lr: float |
         "resumed_from_step": resumed_from,
         "seconds": seconds,
         "lr": module.preset().lr,
+        "train_precision": str(cli.trainer.precision),
         "protocol": evaluation["protocol"],
     }
     if n_curve:

@@ -30,11 +30,16 @@ def lr_table(out: Path) -> pd.DataFrame:
     """One row per finished (cell, learning rate) under `out`, by cell and learning rate. `best_for_cell` marks
     the lowest FID of each cell; `best_at_edge` says that best is the smallest or largest rate searched, so
     the optimum may lie outside the grid and the search should be widened before its choice is trusted."""
+    from ablations.cells import load_yaml
+
+    columns = ["cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s", "precision"]
     rows = []
     for result in sorted(out.glob("lr*/cells/*/result.json")):
         record = json.loads(result.read_text())
-        rows.append({k: record.get(k) for k in ("cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s")})
-    table = pd.DataFrame(rows, columns=["cell", "lr", "fid", "fid_lo", "fid_hi", "status", "steps", "wall_s"])
+        config = result.parent / "config.yaml"  # what the cell trained with, as Lightning saved it
+        record["precision"] = str(load_yaml(config)["trainer"]["precision"]) if config.exists() else None
+        rows.append({k: record.get(k) for k in columns})
+    table = pd.DataFrame(rows, columns=columns)
     table["best_for_cell"] = table.fid == table.groupby("cell").fid.transform("min")
     lowest, highest = table.groupby("cell").lr.transform("min"), table.groupby("cell").lr.transform("max")
     table["best_at_edge"] = table.best_for_cell & ((table.lr == lowest) | (table.lr == highest))

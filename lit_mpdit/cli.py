@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -154,6 +155,11 @@ def check_trainer(trainer) -> None:
     precision = str(trainer.get("precision") or "32-true")
     if on_cpu and precision in ("16-mixed", "16", "16-true"):
         raise ConfigError(f"--trainer.precision: {precision} needs a GPU (on CPUs Lightning would use bf16 instead); allowed on CPU: 32-true, bf16-mixed, bf16-true")
+    if on_cpu and precision.startswith("bf16"):
+        from lit_mpdit.runtime import native_bf16
+
+        if not native_bf16():
+            warnings.warn(f"--trainer.precision {precision}: this CPU has no native bf16 (no AVX-512), so every bf16 product is emulated and training runs many times slower than 32-true", stacklevel=2)
 
 
 def output_folders(trainer) -> Iterator[tuple[str, Path]]:

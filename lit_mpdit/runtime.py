@@ -22,3 +22,16 @@ def keep_freed_memory(threshold: int = 2**30) -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matrix products run at hardware speed here: a CUDA GPU with bf16, or a CPU with AVX-512,
+    where oneDNN has bf16 kernels. On an AVX2-only CPU (most laptops, some cloud machines) oneDNN emulates
+    them: measured on such a 2-core machine, a bf16 matmul ran at 0.9 GFLOP/s against 101 in fp32, and a
+    bf16-mixed training step 16× slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+

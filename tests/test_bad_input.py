@@ -186,3 +186,19 @@ def test_a_bad_input_file_is_one_line_naming_it(workdir, capsys, argv, message):
     err = refused(cli_main, [a.format(**files) for a in argv], capsys)
     assert f"error: {message.format(**files)}" in err, err[-2000:]
     assert err.count("\n") == 1 and snapshot(workdir) == before
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_warns_before_training(monkeypatch):
+    from lit_mpdit import runtime
+    from lit_mpdit.cli import check_trainer
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)  # an AVX2-only CPU: bf16 products ran 16x slower
+    with pytest.warns(UserWarning, match="--trainer.precision bf16-mixed: this CPU has no native bf16"):
+        check_trainer({"precision": "bf16-mixed", "accelerator": "cpu"})
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_trainer({"precision": "bf16-mixed", "accelerator": "cpu"})
+        check_trainer({"precision": "32-true", "accelerator": "cpu"})

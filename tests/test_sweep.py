@@ -38,11 +38,13 @@ def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
         cell = lr_folder(tmp_path, lr) / "cells" / "adaln-E-s0"
         cell.mkdir(parents=True)
         (cell / "result.json").write_text(json.dumps({"cell": "adaln-E-s0", "lr": lr, "fid": fid, "status": "complete"}))
+        (cell / "config.yaml").write_text(f"trainer:\n  precision: {'bf16-mixed' if lr < 1e-2 else '32-true'}\n")
     assert lr_folder(tmp_path, 1.6e-2).name == "lr1.6e-02" != lr_folder(tmp_path, 2e-2).name == "lr2e-02"
     table = lr_table(tmp_path)
     a, e = table[table.cell == "adaln-A-s0"], table[table.cell == "adaln-E-s0"]
     assert list(a.lr) == [1e-3, 3e-3, 1e-2] and list(a.best_for_cell) == [False, True, False] and not a.best_at_edge.any()
     assert list(e.best_for_cell) == [False, False, True] and list(e.best_at_edge) == [False, False, True]
+    assert list(e.precision) == ["bf16-mixed", "bf16-mixed", "32-true"] and a.precision.isna().all()  # a search may span machines
     from ablations.lr_search import main
 
     main(["--profile", "cpu", "--out", str(tmp_path), "--table"])  # no training: the table of what is there
