@@ -23,7 +23,7 @@ import torch
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import SETTINGS, Config, run_header, timed, write_report  # noqa: E402
+from run import SETTINGS, Config, bf16_note, default_precisions, precision_peaks, run_header, timed, write_report  # noqa: E402
 
 BENCH_SETTINGS = {"T/4 fmnist": 128, "S/4 latents": 32, "T/4 tiny": 4}  # setting: batch (the cpu profile's; the issue's S/4 b32; tests)
 DEFAULT_SETTINGS = ("T/4 fmnist", "S/4 latents")
@@ -37,11 +37,18 @@ TARGETS = {  # the speed issue's done-means
 }
 
 
-def bench_setting(setting: str, batch: int, strategies: list[str], rounds: int) -> list[dict]:
+def profile_precision() -> str:
+    """The cpu profile's training precision, in this bench's names: its cell is the one the cell target is about."""
+    from ablations.cells import load_profile
+
+    return {"32-true": "fp32", "bf16-mixed": "bf16-mixed"}[str(load_profile("cpu")["fit"]["trainer"]["precision"])]
+
+
+def bench_setting(setting: str, batch: int, strategies: list[str], rounds: int, precisions: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: nothing compiled by an earlier run
         torch._dynamo.config.cache_size_limit = 64  # eight compiled models of one class in one process
-        configs = [Config(setting, c, mp, batch, precision, compiled=compiled, optimizer="paper") for mp in RUNGS for c in strategies for precision, compiled in VARIANTS]
+        configs = [Config(setting, c, mp, batch, precision, compiled=compiled, optimizer="paper") for mp in RUNGS for c in strategies for precision, compiled in VARIANTS if precision in precisions]
         first = {id(c): timed(c.step) for c in configs}  # compiles forward and backward, or warms the allocator and oneDNN
         best = {id(c): float("inf") for c in configs}
         for _ in range(rounds):
@@ -54,9 +61,10 @@ def bench_setting(setting: str, batch: int, strategies: list[str], rounds: int) 
         ]  # fmt: skip
 
 
-def ratios(rows: list[dict]) -> list[dict]:
+def ratios(rows: list[dict], profile: str) -> list[dict]:
+    """The targets' ratios; the cell target is about `profile`, the cpu profile's training precision."""
     index = {(r["setting"], r["conditioning"], r["mp"], r["precision"], r["compiled"]): r for r in rows}
-    out = []
+    out: list[dict] = []
 
     def add(name: str, where: str, value: float):
         op, goal = TARGETS[name]
@@ -68,9 +76,10 @@ def ratios(rows: list[dict]) -> list[dict]:
             add("rung E / rung A step time", f"{setting} {conditioning} {precision} {mode}", r["step_s"] / index[setting, conditioning, "A", precision, compiled]["step_s"])
         if precision == "bf16-mixed":
             add("bf16-mixed speed-up over fp32", f"{setting} {conditioning} rung {mp} {mode}", index[setting, conditioning, mp, "fp32", compiled]["step_s"] / r["step_s"])
-            if compiled:
-                eager = index[setting, conditioning, mp, "fp32", False]["step_s"] * CELL_STEPS
-                add("cpu profile's training / eager fp32, compile included", f"{setting} {conditioning} rung {mp}, {CELL_STEPS} steps", eager / (r["step_s"] * CELL_STEPS + r["compile_s"]))
+        if compiled and precision == profile:
+            eager = index[setting, conditioning, mp, "fp32", False]["step_s"] * CELL_STEPS
+            where = f"{setting} {conditioning} rung {mp} {precision}, {CELL_STEPS} steps"
+            add("cpu profile's training / eager fp32, compile included", where, eager / (r["step_s"] * CELL_STEPS + r["compile_s"]))
     return out
 
 
@@ -82,6 +91,7 @@ def markdown(report: dict) -> str:
         f"compile times cold (an empty inductor cache). The cell ratio is {CELL_STEPS} measured steps plus the compile, against "
         f"{CELL_STEPS} eager fp32 steps: training only (a cell's evaluation is benchmarks/bench_eval.py's).",
         "",
+        *bf16_note(report, report["precisions"], report["matmul_peak_gflops_per_s"]),
         "| target | where | value | goal | met |",
         "|---|---|---|---|---|",
         *(f"| {t['target']} | {t['where']} | {t['value']:.3f} | {t['goal']} | {'yes' if t['met'] else '**no**'} |" for t in report["targets"]),
@@ -103,18 +113,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(BENCH_SETTINGS))
     p.add_argument("--strategies", nargs="+", default=list(NAMED_STRATEGIES), choices=list(NAMED_STRATEGIES))
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the fastest counts)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=[p for p, _ in VARIANTS[:2]], help="default: both where bf16 is native, else fp32")
     p.add_argument("--out", default="results/bench")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    precisions = args.precisions or default_precisions()
     rows = []
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         for setting in args.settings:
-            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds).result()
+            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds, precisions).result()
     report = {
         **run_header("bench_compile.py", argv),
         "rounds": args.rounds,
-        "targets": ratios(rows),
+        "precisions": precisions,
+        "profile_precision": profile_precision(),
+        "matmul_peak_gflops_per_s": precision_peaks(),
+        "targets": ratios(rows, profile_precision()),
         "rows": rows,
     }
     return write_report(out / "compile", report, markdown(report))

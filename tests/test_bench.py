@@ -14,7 +14,7 @@ from lit_mpdit.conditioning import NAMED_STRATEGIES  # noqa: E402
 
 
 def test_bench_measures_every_configuration_and_target(tmp_path):
-    report = bench.main(["--settings", "T/4 tiny", "--rounds", "1", "--fid-n", "0", "--cell", "", "--out", str(tmp_path)])
+    report = bench.main(["--settings", "T/4 tiny", "--rounds", "1", "--precisions", "fp32", "bf16-mixed", "--fid-n", "0", "--cell", "", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(report))
     configs = {(r["conditioning"], r["mp"], r["precision"], r["gains"]) for r in report["rows"]}
     expected = {(c, mp, p, "per_head") for c in NAMED_STRATEGIES for mp in bench.RUNGS for p in bench.PRECISIONS}
@@ -28,6 +28,17 @@ def test_bench_measures_every_configuration_and_target(tmp_path):
     assert bounds and all(0.9 < b < 1 for b in bounds)  # rotation+scale does fewer FLOPs, by its smaller heads only
     assert "| rung E / rung A step time |" in (tmp_path / "latest.md").read_text()
     assert report["fresh_42mb_tensor"]["kept_memory"] == sys.platform.startswith("linux")
+
+
+def test_where_the_cpu_emulates_bf16_the_benches_time_fp32_and_say_what_bounds_bf16(monkeypatch):
+    monkeypatch.setattr(bench, "native_bf16", lambda: False)
+    assert bench.default_precisions() == ["fp32"]
+    header = {**bench.run_header("run.py", []), "cpu_capability": "AVX2"}
+    note = " ".join(bench.bf16_note(header, ["fp32"], {"fp32": 101.3, "bf16": 0.9}))
+    assert "bf16-mixed not timed: this CPU (AVX2) has no native bf16" in note and "0.9 GFLOP/s against 101 in fp32" in note
+    assert bench.bf16_note(header, ["fp32", "bf16-mixed"], {"fp32": 1.0, "bf16": 2.0}) == []
+    monkeypatch.setattr(bench, "native_bf16", lambda: True)
+    assert bench.default_precisions() == list(bench.PRECISIONS)
 
 
 def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path):
@@ -44,7 +55,7 @@ def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_
 def test_the_compile_bench_times_every_variant_and_computes_the_speed_targets(tmp_path):
     import bench_compile
 
-    report = bench_compile.main(["--settings", "T/4 tiny", "--strategies", "adaln", "--rounds", "1", "--out", str(tmp_path)])
+    report = bench_compile.main(["--settings", "T/4 tiny", "--strategies", "adaln", "--rounds", "1", "--precisions", "fp32", "bf16-mixed", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "compile.json").read_text()) == json.loads(json.dumps(report))
     variants = {(r["conditioning"], r["mp"], r["precision"], r["compiled"]) for r in report["rows"]}
     assert variants == {("adaln", mp, p, k) for mp in bench_compile.RUNGS for p, k in bench_compile.VARIANTS}
