@@ -56,7 +56,27 @@ def load_profile(name: str) -> dict[str, Any]:
     steps, every = profile["fit"]["trainer"]["max_steps"], profile.get("checkpoint_every", 100)
     if steps % every:  # cells are evaluated from their final checkpoint
         raise ConfigError(f"profile {name}: checkpoint_every ({every}) must divide trainer.max_steps ({steps})")
+    return resolve_precisions(profile)
+
+
+def resolve_precisions(profile: dict[str, Any]) -> dict[str, Any]:
+    """The profile with each "auto" precision made concrete for this machine: bf16 where the CPU (or GPU) has
+    it natively, fp32 where it would be emulated (`lit_mpdit.runtime.native_bf16`)."""
+    from lit_mpdit.runtime import resolve_precision
+
+    trainer, ev = profile["fit"]["trainer"], profile["eval"]
+    if "precision" in trainer:
+        trainer["precision"] = resolve_precision(str(trainer["precision"]), "bf16-mixed", "32-true")
+    for key in ("precision", "sample_precision"):
+        if key in ev:
+            ev[key] = resolve_precision(ev[key], "bf16", "fp32")
     return profile
+
+
+def precisions_of(profile: dict[str, Any]) -> dict[str, str]:
+    """What a profile's cells train, sample and extract features in: one grid keeps one of each."""
+    ev = profile["eval"]
+    return {"train": str(profile["fit"]["trainer"].get("precision", "32-true")), "inception": ev.get("precision", "fp32"), "sample": ev.get("sample_precision", "fp32")}
 
 
 def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:

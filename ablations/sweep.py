@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ablations.cells import HERE, Cell, buildable, check_data, grid_cells, load_profile, load_yaml, run_cell, validate_grid, write_json
+from ablations.cells import HERE, Cell, buildable, check_data, grid_cells, load_profile, load_yaml, precisions_of, run_cell, validate_grid, write_json
 from lit_mpdit.errors import ConfigError, check_choice, check_writable
 from lit_mpdit.runtime import keep_freed_memory
 
@@ -320,7 +320,7 @@ def sweep(
     tpe_space = load_yaml(HERE / "profiles.yaml")["tpe"]["lr"] if mode == "tpe" else None
     sampler = cell_grid(ids) if mode == "grid" else optuna.samplers.TPESampler(seed=0)
     study_name = f"lit_mpdit-{profile_name}" + ("" if mode == "grid" else "-tpe")
-    study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids)
+    study = open_stores(out, study_name, storage_url, tracking_uri, sampler, ids, precisions_of(profile))
     objective = make_objective(profile, out, tracking_uri, tpe_space, lr)
     from ablations.report import write_report
 
@@ -374,9 +374,12 @@ def local_store(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix) :]).parent
 
 
-def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str]):
+def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str], precisions: dict[str, str] | None = None):
     """Create or load the Optuna study and the MLflow experiment, one worker at a time: workers started
-    together would otherwise create the same SQLite schemas at once, and one of them would crash."""
+    together would otherwise create the same SQLite schemas at once, and one of them would crash.
+
+    The study keeps the cells and the `precisions` it was started with: a sweep resumed with other cells, or
+    on a machine where the profile's "auto" precision resolves otherwise, is refused before any work."""
     import mlflow
     import optuna
 
@@ -389,11 +392,23 @@ def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str,
         if before is not None and before != cells and study.get_trials(deepcopy=False):  # Optuna's choices cannot change
             raise ConfigError(f"--cells: {out} holds a sweep of the cells {', '.join(before)}; allowed: those cells, or another --out for {', '.join(cells)}")
         study.set_user_attr("cells", cells)
+        pinned = study.user_attrs.get("precisions")
+        if precisions is not None and pinned is not None and pinned != precisions:
+            raise ConfigError(
+                f"--out: {out} trains in {describe(pinned)} (its first cells did), but this machine would run {describe(precisions)} "
+                "(the profile's precision `auto`: bf16 only where the CPU has it natively); allowed: resume it where it resolves the same, or another --out"
+            )
+        if precisions is not None and pinned is None and not study.get_trials(deepcopy=False):
+            study.set_user_attr("precisions", precisions)
         mlflow.set_tracking_uri(tracking_uri)
         if mlflow.get_experiment_by_name(study_name) is None:  # artifacts beside the sweep, not in ./mlruns
             mlflow.create_experiment(study_name, artifact_location=((store or out) / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(study_name)
     return study
+
+
+def describe(precisions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in precisions.items())
 
 
 def run_info(profile: str, mode: str, started: float) -> dict[str, Any]:

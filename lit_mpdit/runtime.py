@@ -35,3 +35,11 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
+
+
+AUTO = "auto"  # a profile's precision: bf16 where it is native (`native_bf16`), fp32 where it would be emulated
+
+
+def resolve_precision(value: str, bf16: str, fp32: str) -> str:
+    """`value`; for "auto", the bf16 spelling where bf16 is native and the fp32 one elsewhere."""
+    return (bf16 if native_bf16() else fp32) if value == AUTO else value

@@ -469,3 +469,28 @@ def test_grid_progress_line_gives_an_eta_from_this_runs_pace():
     line = progress_line(7, 21, 1, 2, started)  # two cells in ten minutes: 14 left take 70
     assert line.startswith("[grid] 7/21 cells finished (2 this run), 1 running, 10.0 min elapsed") and line.endswith("ETA 70 min")
     assert progress_line(21, 21, 0, 3, started).endswith("done")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_profiles_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native):
+    from ablations.cells import precisions_of
+    from lit_mpdit import runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+    expected = {"train": "bf16-mixed", "inception": "bf16", "sample": "bf16"} if native else {"train": "32-true", "inception": "fp32", "sample": "fp32"}
+    assert precisions_of(load_profile("cpu")) == expected
+    assert precisions_of(load_profile("smoke")) == {"train": "32-true", "inception": "fp32", "sample": "fp32"}  # the tests' own, everywhere
+
+
+def test_a_sweep_resumed_where_its_auto_precision_resolves_otherwise_is_refused(tmp_path, monkeypatch):
+    from ablations.sweep import cell_grid, open_stores
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bf16 = {"train": "bf16-mixed", "inception": "bf16", "sample": "bf16"}
+    study = open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, bf16)
+    study.optimize(lambda trial: float(len(trial.suggest_categorical("cell", CELLS))), n_trials=1)
+    assert open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, bf16).user_attrs["precisions"] == bf16
+    fp32 = {"train": "32-true", "inception": "fp32", "sample": "fp32"}
+    with pytest.raises(ConfigError, match=f"--out: {tmp_path} trains in train bf16-mixed, inception bf16, sample bf16 .* would run train 32-true"):
+        open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, fp32)
