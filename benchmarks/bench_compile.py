@@ -23,7 +23,7 @@ import torch
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import SETTINGS, Config, bf16_note, default_precisions, precision_peaks, run_header, timed, write_report  # noqa: E402
+from run import SETTINGS, Config, bf16_note, default_precisions, precision_peaks, profile_precision, run_header, timed, write_report  # noqa: E402
 
 BENCH_SETTINGS = {"T/4 fmnist": 128, "S/4 latents": 32, "T/4 tiny": 4}  # setting: batch (the cpu profile's; the issue's S/4 b32; tests)
 DEFAULT_SETTINGS = ("T/4 fmnist", "S/4 latents")
@@ -35,13 +35,6 @@ TARGETS = {  # the speed issue's done-means
     "bf16-mixed speed-up over fp32": ("≥", 1.8),
     "cpu profile's training / eager fp32, compile included": ("≥", 1.3),
 }
-
-
-def profile_precision() -> str:
-    """The cpu profile's training precision, in this bench's names: its cell is the one the cell target is about."""
-    from ablations.cells import load_profile
-
-    return {"32-true": "fp32", "bf16-mixed": "bf16-mixed"}[str(load_profile("cpu")["fit"]["trainer"]["precision"])]
 
 
 def bench_setting(setting: str, batch: int, strategies: list[str], rounds: int, precisions: list[str]) -> list[dict]:

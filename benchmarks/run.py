@@ -369,6 +369,14 @@ def precision_peaks() -> dict[str, float]:
     return {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, *((2048, 10) if native_bf16() else (512, 3)))}
 
 
+def profile_precision() -> str:
+    """The cpu profile's training precision on this machine (its `auto` resolved), in the benches' names."""
+    sys.path.insert(0, str(ROOT))  # the profiles live in the repository's ablations/
+    from ablations.cells import load_profile
+
+    return {"32-true": "fp32", "bf16-mixed": "bf16-mixed"}[str(load_profile("cpu")["fit"]["trainer"]["precision"])]
+
+
 def bf16_note(header: dict, precisions: list[str], peaks: dict[str, float]) -> list[str]:
     """The line a report gives when bf16 was not timed: what bounds the bf16 target on this machine."""
     if "bf16-mixed" in precisions:
