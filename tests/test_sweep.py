@@ -479,7 +479,8 @@ def test_the_cpu_profiles_auto_precision_is_bf16_only_where_it_is_native(monkeyp
     monkeypatch.setattr(runtime, "native_bf16", lambda: native)
     expected = {"train": "bf16-mixed", "inception": "bf16", "sample": "bf16"} if native else {"train": "32-true", "inception": "fp32", "sample": "fp32"}
     assert precisions_of(load_profile("cpu")) == expected
-    assert precisions_of(load_profile("smoke")) == {"train": "32-true", "inception": "fp32", "sample": "fp32"}  # the tests' own, everywhere
+    fp32 = {"train": "32-true", "inception": "fp32", "sample": "fp32"}
+    assert precisions_of(load_profile("smoke")) == fp32 and precisions_of(load_profile("cpu_fp32")) == fp32  # fp32 everywhere
 
 
 def test_a_sweep_resumed_where_its_auto_precision_resolves_otherwise_is_refused(tmp_path, monkeypatch):
