@@ -20,7 +20,9 @@ def test_bench_measures_every_configuration_and_target(tmp_path):
     expected = {(c, mp, p, "per_head") for c in NAMED_STRATEGIES for mp in bench.RUNGS for p in bench.PRECISIONS}
     assert configs == expected | {(c, "E", p, "shared") for c in NAMED_STRATEGIES for p in bench.PRECISIONS}
     for row in report["rows"]:
-        assert row["train_step_s"] > 0 and 0 < row["fraction_of_peak"] < 1.5 and row["train_memory_mb"] > row["params"] * 16 / 2**20
+        assert row["train_step_s"] > 0 and row["fraction_of_peak"] > 0 and row["train_memory_mb"] > row["params"] * 16 / 2**20
+        if row["precision"] == "fp32" or bench.native_bf16():  # an emulated bf16's peak is a small product's, not a bound
+            assert row["fraction_of_peak"] < 1.5
         assert row["train_gflops_per_step"] > 2 * row["forward_gflops_per_image"] * row["batch"]  # backward ≈ 2 forwards
     kinds = {t["target"] for t in report["targets"]}
     assert {"rotation+scale / adaln step time", "rung E / rung A step time", "bf16-mixed speed-up over fp32", "per-head gains / one shared gain step time"} <= kinds

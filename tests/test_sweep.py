@@ -111,7 +111,7 @@ def test_every_profile_gives_every_cell_the_same_budget(profile):
 
 
 def test_bad_sweep_options_are_refused_before_work(tmp_path):
-    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'cpu_fixed_optimizer', 'calibration', 'paper'"):
+    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'cpu_fp32', 'cpu_fixed_optimizer', 'calibration', 'paper'"):
         sweep("huge", tmp_path / "a", None, None, "grid", None, None)
     with pytest.raises(ConfigError, match="--cells: unknown cells \\['nope-A-s0'\\]"):
         sweep("smoke", tmp_path / "b", None, None, "grid", None, ["nope-A-s0"])
@@ -149,7 +149,7 @@ def test_each_sweep_of_a_process_logs_into_its_own_store(tmp_path, monkeypatch):
     class Opened(Exception):
         pass
 
-    def opened(out, study_name, storage_url, tracking_uri, sampler, cells):
+    def opened(out, study_name, storage_url, tracking_uri, sampler, cells, precisions):
         raise Opened(tracking_uri)
 
     monkeypatch.setattr(sweep_module, "open_stores", opened)
@@ -495,3 +495,17 @@ def test_a_sweep_resumed_where_its_auto_precision_resolves_otherwise_is_refused(
     fp32 = {"train": "32-true", "inception": "fp32", "sample": "fp32"}
     with pytest.raises(ConfigError, match=f"--out: {tmp_path} trains in train bf16-mixed, inception bf16, sample bf16 .* would run train 32-true"):
         open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, fp32)
+
+
+def test_the_cpu_profiles_learning_rates_are_the_committed_searchs_best():
+    from ablations.cells import grid_flags_of
+
+    table = pd.read_csv(HERE.parent / "results" / "ablations" / "lr_search" / "cpu" / "lr_table.csv")
+    profile = load_profile("cpu")
+    assert set(table.cell) == set(profile["lr_search"]["cells"])
+    for row in table[table.best_for_cell].itertuples():
+        family = grid_flags_of(row.cell).family
+        if row.best_at_edge:  # still being searched: the optimum may lie outside the grid, so no rate is chosen yet
+            assert family not in profile["lr"], f"profile cpu chose a rate for {family}, whose best ({row.lr}) is at the search's edge"
+        else:
+            assert profile["lr"][family] == pytest.approx(row.lr), f"profile cpu's {family} rate is not {row.cell}'s best, {row.lr}"
