@@ -1,7 +1,9 @@
 """FID: preprocessing, agreement with a plain scipy computation, the cache, the loaders, the bootstrap, the CLI.
 
-The Inception runs about 20 images/s in bf16 on two cores, so every set here is 32 images or fewer, and
-torchmetrics' own compute() (about 30 CPU-seconds at 2048 dimensions) runs once, in the CLI test.
+The Inception runs about 20 images/s in bf16 on two cores with native bf16, so every set here is 32 images or
+fewer, and torchmetrics' own compute() (about 30 CPU-seconds at 2048 dimensions) runs once, in the CLI test. The
+module's network is the fast path of the machine (`FAST`): bf16 where it is native, fp32 where the CPU would
+emulate bf16 many times slower; the bf16 path itself is always tested, on four images.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from scipy import linalg
 
 from lit_mpdit.errors import ConfigError
 from lit_mpdit.metrics import fid as F
+from lit_mpdit.runtime import native_bf16
+
+FAST = "bf16" if native_bf16() else "fp32"
 from lit_mpdit.metrics import frechet
 
 SAMPLE = Path(__file__).parent / "data" / "fmnist_sample.npz"
@@ -32,7 +37,7 @@ def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def net() -> F.InceptionFeatures:
-    return F.InceptionFeatures("bf16")
+    return F.InceptionFeatures(FAST)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def test_layer_by_layer_fp32_is_the_torchscript_forward(images):
 def test_features_shape_and_bf16_close_to_fp32(images, feats):
     assert feats["test"].shape == (N, 2048) and feats["test"].dtype == torch.float32
     fp32 = F.InceptionFeatures("fp32")(images["test"][:4])
-    cosine = torch.nn.functional.cosine_similarity(fp32, feats["test"][:4], dim=1)
+    cosine = torch.nn.functional.cosine_similarity(fp32, F.InceptionFeatures("bf16")(images["test"][:4]), dim=1)
     assert cosine.min() > 0.99
 
 
@@ -176,11 +181,11 @@ def test_reference_cache_hit_miss_and_key_check(net, images, tmp_path):
     np.testing.assert_allclose(mu, feats.double().mean(0).numpy())
     np.testing.assert_allclose(sigma, np.cov(feats.double().numpy(), rowvar=False))
 
-    path = F.cache_file("fashion_mnist_sample:test", 8, "bf16", tmp_path)
-    assert path.is_file() and "n8" in path.name and "bf16" in path.name
+    path = F.cache_file("fashion_mnist_sample:test", 8, FAST, tmp_path)
+    assert path.is_file() and "n8" in path.name and FAST in path.name
     with np.load(path) as stored:
         record = dict(stored)
-    np.savez(path, **{**record, "key": np.asarray(F.cache_key("another set", 8, F.protocol("bf16")))})
+    np.savez(path, **{**record, "key": np.asarray(F.cache_key("another set", 8, F.protocol(FAST)))})
     F.reference_features("fashion_mnist_sample:test", images_fn, 8, net=net, cache_dir=tmp_path)
     assert len(calls) == 2  # the stored key disagreed: recomputed
     F.reference_features("fashion_mnist_sample:test", images_fn, 6, net=net, cache_dir=tmp_path)
@@ -250,7 +255,7 @@ def test_unknown_spec_is_a_config_error(spec):
 
 
 def test_cli_prints_one_json_line(feats, tmp_path, capsys):
-    F.main([f"fashion_mnist_sample:test:{N}", f"fashion_mnist_sample:train:{N}", "--precision", "bf16",
+    F.main([f"fashion_mnist_sample:test:{N}", f"fashion_mnist_sample:train:{N}", "--precision", FAST,
             "--bootstrap", "20", "--cache-dir", str(tmp_path)])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -258,5 +263,5 @@ def test_cli_prints_one_json_line(feats, tmp_path, capsys):
     assert result["n_real"] == result["n_fake"] == N
     assert result["fid"] == pytest.approx(frechet.frechet_distance(feats["test"], feats["train"]), rel=1e-4)
     assert result["ci95"][0] < result["fid"] < result["ci95"][1]
-    assert result["protocol"]["precision"].startswith("bf16") and "2015-12-05" in result["protocol"]["network"]
+    assert result["protocol"]["precision"].startswith(FAST) and "2015-12-05" in result["protocol"]["network"]
     assert len(list(tmp_path.glob("*.npz"))) == 2  # both dataset splits went through the reference cache
