@@ -393,7 +393,8 @@ def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str,
             raise ConfigError(f"--cells: {out} holds a sweep of the cells {', '.join(before)}; allowed: those cells, or another --out for {', '.join(cells)}")
         study.set_user_attr("cells", cells)
         pinned = study.user_attrs.get("precisions")
-        if precisions is not None and pinned is not None and pinned != precisions:
+        training = not cell_states(study)["finished"] >= set(cells)  # a finished sweep is only read back
+        if precisions is not None and pinned is not None and pinned != precisions and training:
             raise ConfigError(
                 f"--out: {out} trains in {describe(pinned)} (its first cells did), but this machine would run {describe(precisions)} "
                 "(the profile's precision `auto`: bf16 only where the CPU has it natively); allowed: resume it where it resolves the same, or another --out"

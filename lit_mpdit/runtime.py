@@ -36,7 +36,6 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-
 AUTO = "auto"  # a profile's precision: bf16 where it is native (`native_bf16`), fp32 where it would be emulated
 
 

@@ -495,6 +495,8 @@ def test_a_sweep_resumed_where_its_auto_precision_resolves_otherwise_is_refused(
     fp32 = {"train": "32-true", "inception": "fp32", "sample": "fp32"}
     with pytest.raises(ConfigError, match=f"--out: {tmp_path} trains in train bf16-mixed, inception bf16, sample bf16 .* would run train 32-true"):
         open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, fp32)
+    study.optimize(lambda trial: float(len(trial.suggest_categorical("cell", CELLS))), n_trials=1)  # every cell finished
+    assert open_stores(tmp_path, "lit_mpdit-cpu", storage, tracking, cell_grid(CELLS), CELLS, fp32).user_attrs["precisions"] == bf16  # read back anywhere
 
 
 def test_the_cpu_profiles_learning_rates_are_the_committed_searchs_best():
