@@ -8,7 +8,7 @@ import lightning  # noqa: F401 - binds its log handler to the session's stderr, 
 import pytest
 from PIL import Image
 
-from lit_mpdit.runtime import native_bf16  # the machine's fast Inception path: bf16 only where it is native
+from lit_mpdit.runtime import AUTO, resolve_precision  # the machine's fast Inception path: bf16 only where it is native
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "fmnist.yaml")
@@ -61,7 +61,7 @@ def test_fit_then_sample_writes_a_class_per_row_grid(tmp_path):
     fid_json = tmp_path / "fid.json"
     proc = run(
         "evaluate", "--ckpt", str(ckpts[0]), "--reference", "fashion_mnist_sample:test", "--n", "8", "--n-ref", "16",
-        "--steps", "2", "--sampler", "ddim", "--bootstrap", "10", "--precision", "bf16" if native_bf16() else "fp32", "--out", str(fid_json),
+        "--steps", "2", "--sampler", "ddim", "--bootstrap", "10", "--precision", resolve_precision(AUTO, "bf16", "fp32"), "--out", str(fid_json),
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,9 +18,9 @@ from scipy import linalg
 
 from lit_mpdit.errors import ConfigError
 from lit_mpdit.metrics import fid as F
-from lit_mpdit.runtime import native_bf16
+from lit_mpdit.runtime import AUTO, resolve_precision
 
-FAST = "bf16" if native_bf16() else "fp32"
+FAST = resolve_precision(AUTO, "bf16", "fp32")
 from lit_mpdit.metrics import frechet
 
 SAMPLE = Path(__file__).parent / "data" / "fmnist_sample.npz"
