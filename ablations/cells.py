@@ -80,9 +80,12 @@ def precisions_of(profile: dict[str, Any]) -> dict[str, str]:
 
 
 def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:
-    """Every (conditioning, rung) named by a group, once, in grid order, for every seed; the cells of the
-    `claims` group also for every one of `claim_seeds` (the paper's claims need intervals over seeds, the rest
-    of the table one seed). Every cell at the first seed comes first."""
+    """Every (conditioning, rung) named by a group, once, for every seed; the cells of the `claims` group also
+    for every one of `claim_seeds` (the paper's claims need intervals over seeds, the rest of the table one seed).
+
+    The claims' cells come first, one conditioning at a time, each seed's rungs together (adaln A and E at seeds
+    0, 1, 2, then rotation+scale's): a grid cut short, or spanning sessions, decides claim 1 first and holds paired
+    seeds. The other cells follow in the groups' order."""
     pairs: list[tuple[str, str]] = []
     for name, group in grid["groups"].items():
         if name == "claims":
@@ -92,10 +95,8 @@ def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | 
                 if (conditioning, mp) not in pairs:
                     pairs.append((conditioning, mp))
     claims = grid["groups"].get("claims", {"conditioning": [], "mp": []})
-    claim_pairs = [(c, mp) for mp in claims["mp"] for c in claims["conditioning"]]
-    cells = [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]
-    extra = [Cell(c, mp, seed) for seed in claim_seeds or [] for c, mp in claim_pairs]
-    return list(dict.fromkeys(cells + extra))
+    claim = [Cell(c, mp, seed) for c in claims["conditioning"] for seed in claim_seeds or [] for mp in claims["mp"]]
+    return list(dict.fromkeys(claim + [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]))
 
 
 def validate_grid(cells: list[Cell]) -> None:

@@ -187,8 +187,8 @@ def progress_line(done: int, total: int, running: int, done_here: int, started: 
 
 
 def run_grid(study, objective, cells: list[str], started: float | None = None) -> None:
-    """Run grid points until every cell is finished, here or by other workers on the same storage, printing one
-    progress line (cells finished, elapsed time, ETA) per cell.
+    """Run grid points in the order of `cells` until every cell is finished, here or by other workers on the same
+    storage, printing one progress line (cells finished, elapsed time, ETA) per cell.
 
     Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
     found stale by the heartbeat) are queued again; cells running elsewhere are waited for.
@@ -207,14 +207,12 @@ def run_grid(study, objective, cells: list[str], started: float | None = None) -
         if not todo:
             return
         idle = [c for c in todo if c not in states["running"] | states["queued"]]
-        tried = {t.params.get("cell") for t in study.get_trials(deepcopy=False)}
-        for cell in idle:
-            if cell in tried:  # crashed or yielded before: the grid will not offer it again
-                study.enqueue_trial({"cell": cell}, skip_if_exists=False)
+        if idle and not states["queued"]:  # the grid's order, not the sampler's shuffle: a grid cut short holds its
+            study.enqueue_trial({"cell": idle[0]}, skip_if_exists=False)  # first cells (and crashed ones go again)
         if idle or states["queued"]:
             study.optimize(objective, n_trials=1, catch=(Exception,))
             last = study.get_trials(deepcopy=False)[-1]
-            if trial_cell(last) is None and RAISED in last.user_attrs:  # it raised before choosing a cell: every retry would too
+            if "cell" not in last.params and RAISED in last.user_attrs:  # it raised before choosing a cell: every retry would too
                 raise RuntimeError(f"a trial raised before choosing its cell: {last.user_attrs[RAISED]}")
         else:
             time.sleep(5)  # every open cell is being trained by another worker

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,13 +24,7 @@ from lit_mpdit.metrics.fid import InceptionFeatures, load_images  # noqa: E402
 from lit_mpdit.metrics.frechet import frechet_distance, resampled_fids  # noqa: E402
 from lit_mpdit.module import DiffusionModule  # noqa: E402
 from lit_mpdit.runtime import keep_freed_memory  # noqa: E402
-from run import run_header, write_report  # noqa: E402  (benchmarks/run.py: this script's folder is on the path)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from run import default_precisions, run_header, timed, write_report  # noqa: E402  (benchmarks/run.py: this script's folder is on the path)
 
 
 def fastest(fns: dict[str, object], rounds: int) -> dict[str, float]:
@@ -58,7 +51,8 @@ def sampler_speed(profile: dict, images: int, steps: int, rounds: int) -> dict:
         return draw
 
     run("fp32")()  # warm-up: kernels, allocator
-    seconds = fastest({"fp32": run("fp32"), "bf16": run("bf16")}, rounds)
+    precisions = [p.removesuffix("-mixed") for p in default_precisions()]  # bf16 only where native: else it times the emulation
+    seconds = fastest({p: run(p) for p in precisions}, rounds)
     per_image = {k: v / images * ev["steps"] / steps for k, v in seconds.items()}  # at the profile's steps
     return {
         "model": model["size"],
@@ -67,7 +61,7 @@ def sampler_speed(profile: dict, images: int, steps: int, rounds: int) -> dict:
         "steps_timed": steps,
         "images_per_s": {k: 1 / v for k, v in per_image.items()},
         "seconds_for_n_fake": {k: v * ev["n_fake"] for k, v in per_image.items()},
-        "bf16_speedup": per_image["fp32"] / per_image["bf16"],
+        "bf16_speedup": per_image["fp32"] / per_image["bf16"] if "bf16" in per_image else None,
     }
 
 
@@ -114,12 +108,12 @@ def markdown(report: dict) -> str:
         "| part | variant | images/s | seconds for the FID set |",
         "|---|---|---|---|",
         f"| sampler ({s['model']}, {s['sampler']}) | fp32 | {s['images_per_s']['fp32']:.1f} | {s['seconds_for_n_fake']['fp32']:.0f} ({n} images) |",
-        f"| | bf16 autocast | {s['images_per_s']['bf16']:.1f} | {s['seconds_for_n_fake']['bf16']:.0f} |",
+        *([f"| | bf16 autocast | {s['images_per_s']['bf16']:.1f} | {s['seconds_for_n_fake']['bf16']:.0f} |"] if s["bf16_speedup"] else []),
         f"| Inception features | {i['precision']} | {i['images_per_s']:.1f} | {i['seconds_for_n_fake']:.0f} |",
         f"| bootstrap ({report['bootstrap_resamples']} resamples, {b['n_fake']} vs {b['n_ref']}) | direct formula | | {b['seconds_for_bootstrap']['direct']:.0f} |",
         f"| | `resampled_fids` | | {b['seconds_for_bootstrap']['resampled_fids']:.0f} |",
         "",
-        f"- bf16 sampling: {s['bf16_speedup']:.2f}× fp32.",
+        f"- bf16 sampling: {s['bf16_speedup']:.2f}× fp32." if s["bf16_speedup"] else "- bf16 sampling not timed: this CPU has no native bf16 (`lit_mpdit.runtime.native_bf16`).",
         f"- bootstrap: {b['speedup']:.1f}× the direct formula; the two agree to {b['max_relative_difference']:.1e} (relative, worst draw).",
     ]
     return "\n".join(lines) + "\n"

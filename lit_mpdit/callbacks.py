@@ -187,15 +187,17 @@ class PeriodicFID(L.Callback):
         steps: int = 25,  # sampling steps
         sampler: str = "ddpm",
         guidance: float = 1.5,
-        precision: str = "bf16",  # Inception precision
-        sample_precision: str = "fp32",  # the denoiser's precision while sampling
+        precision: str = "auto",  # Inception precision: bf16, fp32, or auto (bf16 where native, runtime.native_bf16)
+        sample_precision: str = "fp32",  # the denoiser's precision while sampling: bf16, fp32 or auto
         bootstrap: int = 0,  # resamples for an interval; 0 = none
         weights: str = "current",  # current, or ema: the weights of the run's EMA callback once it has started
         seed: int = 0,  # sampling noise: the same at every measurement, so curves compare across steps
         skip_last: bool = False,  # not at trainer.max_steps: a final evaluation measures that point (the sweep)
     ):
         from lit_mpdit.evaluate import Protocol
+        from lit_mpdit.runtime import resolve_precision
 
+        precision, sample_precision = (resolve_precision(p, "bf16", "fp32") for p in (precision, sample_precision))
         check_choice("PeriodicFID.weights", weights, ("current", "ema"))
         self.every_n_steps = every_n_steps
         self.skip_last = skip_last

@@ -43,14 +43,19 @@ def test_where_the_cpu_emulates_bf16_the_benches_time_fp32_and_say_what_bounds_b
     assert bench.default_precisions() == list(bench.PRECISIONS)
 
 
-def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path, monkeypatch, native):
     import bench_eval
 
+    monkeypatch.setattr(bench_eval, "default_precisions", lambda: ["fp32", "bf16-mixed"] if native else ["fp32"])
     report = bench_eval.main(["--profile", "smoke", "--rounds", "1", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(report))
     assert all(v > 0 for v in report["sampler"]["images_per_s"].values()) and report["inception"]["images_per_s"] > 0
     assert report["bootstrap"]["max_relative_difference"] < 1e-6
-    assert "| sampler (T/4" in (tmp_path / "eval.md").read_text()
+    md = (tmp_path / "eval.md").read_text()
+    assert "| sampler (T/4" in md
+    assert sorted(report["sampler"]["images_per_s"]) == (["bf16", "fp32"] if native else ["fp32"])  # no emulated bf16 timed
+    assert ("bf16 sampling not timed: this CPU has no native bf16" in md) != native and (report["sampler"]["bf16_speedup"] is None) != native
 
 
 @pytest.mark.slow

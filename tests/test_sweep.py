@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["adaln-A-s0", "rotation+scale-E-s0"]
 
 
-def test_claim_cells_get_their_own_seeds_after_the_whole_grid_at_the_first():
+def test_claim_cells_come_first_at_their_own_seeds_claim_1_before_claim_2_with_paired_seeds():
     cells = [c.id for c in grid_cells(load_yaml(HERE / "grid.yaml"), seeds=[0], claim_seeds=[0, 1, 2])]
     assert len(cells) == len(set(cells)) == 13 + 2 * 4
-    claim = {f"{c}-{mp}" for c in ("adaln", "rotation+scale") for mp in "AE"}
-    assert {i.rsplit("-s", 1)[0] for i in cells[13:]} == claim and all(i.endswith("-s0") for i in cells[:13])
+    # a grid cut short after six cells decides claim 1 over three seeds; every prefix holds both rungs of a seed
+    assert cells[:6] == [f"adaln-{mp}-s{seed}" for seed in (0, 1, 2) for mp in "AE"]
+    assert cells[6:12] == [f"rotation+scale-{mp}-s{seed}" for seed in (0, 1, 2) for mp in "AE"]
+    assert all(i.endswith("-s0") for i in cells[12:]) and "adaln-B-s0" in cells[12:]
     assert load_profile("cpu")["claim_seeds"] == [0, 1, 2]  # the default grid decides claims over three seeds
 
 
@@ -390,7 +392,7 @@ def test_workers_started_together_both_pass_the_writability_probe(tmp_path):
     assert out.is_dir() and not any(out.iterdir())
 
 
-def test_a_cell_queued_again_after_a_crash_runs_on_the_grid():
+def test_the_grid_trains_its_cells_in_order_and_a_crashed_cell_again_before_the_next():
     import optuna
 
     from ablations.sweep import cell_grid, run_grid
@@ -405,7 +407,7 @@ def test_a_cell_queued_again_after_a_crash_runs_on_the_grid():
         return 0.0
 
     run_grid(study, objective, CELLS + ["rotation-A-s0"])
-    assert sorted(trained) == sorted(CELLS + ["rotation-A-s0"] + [trained[1]])
+    assert trained == [CELLS[0], CELLS[1], CELLS[1], "rotation-A-s0"]  # not the grid sampler's shuffle
 
 
 def test_killed_workers_never_use_up_a_cells_attempts_but_raising_trials_do():
