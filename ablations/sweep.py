@@ -115,7 +115,9 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
             low, high = tpe_space[grid_flags(cell.conditioning, cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
         mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
-        mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "seed": cell.seed, "trial": trial.number})
+        # cell_seed, not seed: Lightning logs the data module's `seed` (its validation split and data order, the
+        # same for every cell) into this run too, and MLflow refuses a param logged twice with two values
+        mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "cell_seed": cell.seed, "trial": trial.number})
         if lr is not None:
             mlflow.log_param("lr", lr)
         cell_dir = out / "cells" / (cell.id if tpe_space is None else f"{cell.id}-t{trial.number}")
