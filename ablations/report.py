@@ -291,15 +291,23 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
 
 def reproduction(new: Path, committed: Path) -> pd.DataFrame:
     """Per (conditioning, rung) of a fresh run: its FID, the committed run's, the difference, and whether the
-    fresh FID lies within the committed spread (the committed interval: over seeds where it has seeds, else
-    its bootstrap interval over the generated images, which leaves out run-to-run variation)."""
+    fresh FID lies within the committed spread. Where the committed cell has n ≥ 2 seeds, the spread is the 95%
+    prediction interval for the mean of the fresh run's k seeds, mean ± t·s·√(1/n + 1/k): the committed
+    t-interval of the mean (half-width t·s/√n) widened by √(1 + n/k), because a fresh mean scatters around the
+    true FID as much as the committed one does. Where it has one seed, its bootstrap interval over the
+    generated images, which leaves out run-to-run variation (the `spread` column says which)."""
     ours, theirs = pd.read_csv(new / "fid_table.csv"), pd.read_csv(committed / "fid_table.csv")
     table = ours[["conditioning", "mp", "seeds", "fid"]].merge(
         theirs[["conditioning", "mp", "seeds", "fid", "ci_low", "ci_high"]], on=["conditioning", "mp"], how="left", suffixes=("", "_committed")
     )
+    n, k = table.seeds_committed, table.seeds.clip(lower=1)
+    widen = ((1 + n / k) ** 0.5).where(n >= 2, 1.0)
+    table["committed_low"] = table.fid_committed - (table.fid_committed - table.ci_low) * widen
+    table["committed_high"] = table.fid_committed + (table.ci_high - table.fid_committed) * widen
+    table["spread"] = [f"95% prediction, {int(s)} seeds" if s >= 2 else "95% bootstrap, 1 run" for s in n.fillna(0)]
     table["diff_pct"] = 100 * (table.fid - table.fid_committed) / table.fid_committed
-    table["within_committed_spread"] = (table.fid >= table.ci_low) & (table.fid <= table.ci_high)
-    return table.rename(columns={"ci_low": "committed_low", "ci_high": "committed_high"})
+    table["within_committed_spread"] = (table.fid >= table.committed_low) & (table.fid <= table.committed_high)
+    return table.drop(columns=["ci_low", "ci_high"])
 
 
 def write_reproduction(new: Path, committed: Path) -> str:

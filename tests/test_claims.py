@@ -1,6 +1,7 @@
 """Verdicts on the paper's claims are computed from the cells by a stated rule, and can come out any way."""
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -72,17 +73,27 @@ def test_claims_files_are_written_with_their_rule(tmp_path):
 
 
 def test_reproduction_report_says_which_cells_lie_within_the_committed_spread(tmp_path):
-    from ablations.report import write_reproduction
+    from ablations.report import reproduction, write_reproduction
 
     committed, fresh = tmp_path / "committed", tmp_path / "fresh"
     committed.mkdir(), fresh.mkdir()
     pd.DataFrame(
-        {"conditioning": ["adaln", "adaln"], "mp": ["A", "E"], "seeds": [3, 3], "fid": [100.0, 90.0], "ci_low": [95.0, 88.0], "ci_high": [105.0, 92.0]}
+        {"conditioning": ["adaln", "adaln", "shift"], "mp": ["A", "E", "A"], "seeds": [3, 3, 1], "fid": [100.0, 90.0, 70.0],
+         "ci_low": [95.0, 88.0, 68.0], "ci_high": [105.0, 92.0, 72.0]}
     ).to_csv(committed / "fid_table.csv", index=False)
-    pd.DataFrame({"conditioning": ["adaln", "adaln"], "mp": ["A", "E"], "seeds": [3, 3], "fid": [103.0, 80.0]}).to_csv(fresh / "fid_table.csv", index=False)
+    pd.DataFrame({"conditioning": ["adaln", "adaln", "shift"], "mp": ["A", "E", "A"], "seeds": [3, 3, 1], "fid": [106.0, 80.0, 73.0]}).to_csv(
+        fresh / "fid_table.csv", index=False
+    )
     text = write_reproduction(fresh, committed)
-    assert "1 of 2 cells within the committed spread" in text and (fresh / "reproduction.md").read_text() == text
-    assert "3.00" in text and "-11.11" in text  # the differences in % of the committed FID
+    # A: the mean's interval (±5) widened by √(1 + 3/3) for a fresh mean of 3 seeds → ±7.07 holds 106;
+    # E: ±2·√2 does not hold 80; one committed seed: its bootstrap interval, not widened, does not hold 73.
+    assert "1 of 3 cells within the committed spread" in text and (fresh / "reproduction.md").read_text() == text
+    assert "6.00" in text and "-11.11" in text  # the differences in % of the committed FID
+    assert "95% prediction, 3 seeds" in text and "95% bootstrap, 1 run" in text
+
+    pd.DataFrame({"conditioning": ["adaln"], "mp": ["A"], "seeds": [1], "fid": [109.0]}).to_csv(fresh / "fid_table.csv", index=False)
+    row = reproduction(fresh, committed).iloc[0]  # one fresh seed scatters more: ±5·√(1 + 3) = ±10
+    assert row.within_committed_spread and abs(row.committed_high - 110.0) < 1e-9
 
 
 def test_a_sweep_whose_every_cell_failed_still_gets_its_tables():
@@ -90,3 +101,15 @@ def test_a_sweep_whose_every_cell_failed_still_gets_its_tables():
 
     failed = pd.DataFrame([{"cell": "adaln-A-s0", "conditioning": "adaln", "mp": "A", "seed": 0, "status": "failed", "reason": "x"}])
     assert params_table(failed).empty
+
+
+@pytest.mark.parametrize("sweep", ["cpu", "cpu_fixed_optimizer"])
+def test_the_readme_quotes_the_committed_claims_as_the_code_writes_them_from_the_cells(sweep, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "results" / "ablations" / sweep
+    write_claims(pd.read_csv(folder / "cells.csv"), tmp_path)  # the verdicts again, from the committed cells
+    committed = (folder / "claims.md").read_text()
+    assert (tmp_path / "claims.md").read_text() == committed
+    rows = [line for line in committed.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    readme = (root / "README.md").read_text()
+    assert len(rows) == 4 and all(row in readme for row in rows), f"README.md does not quote {folder / 'claims.md'}"
