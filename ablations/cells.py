@@ -215,7 +215,7 @@ def fid_curve(profile: dict[str, Any]) -> list[dict[str, Any]]:
     if not curve:
         return []
     ev = profile["eval"]
-    same = {k: ev[k] for k in ("n_ref", "reference_split", "steps", "sampler", "guidance", "precision", "sample_precision") if k in ev}
+    same = {k: ev[k] for k in ("n_ref", "reference_split", "steps", "sampler", "guidance", "precision", "sample_precision", "compile") if k in ev}
     weights = "ema" if ev.get("weights") == "ema" else "current"
     # The run's last point is the final evaluation's first n_fake images (`run_cell`), not a second sampling.
     args = {"every_n_steps": curve["every"], "n_fake": curve_n(profile), "weights": weights, "bootstrap": 0, "skip_last": True, **same}

@@ -189,20 +189,19 @@ class PeriodicFID(L.Callback):
         guidance: float = 1.5,
         precision: str = "auto",  # Inception precision: bf16, fp32, or auto (bf16 where native, runtime.native_bf16)
         sample_precision: str = "fp32",  # the denoiser's precision while sampling: bf16, fp32 or auto
+        compile: bool = False,  # torch.compile the denoiser for sampling
         bootstrap: int = 0,  # resamples for an interval; 0 = none
         weights: str = "current",  # current, or ema: the weights of the run's EMA callback once it has started
         seed: int = 0,  # sampling noise: the same at every measurement, so curves compare across steps
         skip_last: bool = False,  # not at trainer.max_steps: a final evaluation measures that point (the sweep)
     ):
         from lit_mpdit.evaluate import Protocol
-        from lit_mpdit.runtime import resolve_precision
 
-        precision, sample_precision = (resolve_precision(p, "bf16", "fp32") for p in (precision, sample_precision))
         check_choice("PeriodicFID.weights", weights, ("current", "ema"))
         self.every_n_steps = every_n_steps
         self.skip_last = skip_last
         self.seconds = 0.0  # spent measuring, in this process
-        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap, sample_precision)
+        self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap, sample_precision, compile)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:

@@ -242,9 +242,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigma-rel", type=float, default=None, help="σ_rel of the post-hoc EMA")
     p.add_argument("--snapshots", default=None, help="post-hoc EMA snapshot folder (default: <run>/ema_snapshots)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32 or bf16")
+    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32, bf16, or auto (bf16 where the CPU has it natively)")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
-    p.add_argument("--sample-precision", default=d.sample_precision, help="the denoiser's precision while sampling: fp32 or bf16")
+    p.add_argument("--sample-precision", default=d.sample_precision, help="the denoiser's precision while sampling: fp32, bf16 or auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser for sampling (pays for large --n)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     from lit_mpdit.evaluate import WEIGHT_CHOICES
@@ -264,7 +265,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     if own and args.ckpt is None:
         raise ConfigError("--reference data:SPLIT names the checkpoint's data module: give --ckpt")
     weights = "init" if args.untrained else args.weights
-    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap, args.sample_precision)
+    protocol = Protocol(args.n, args.n_ref, split, args.steps, args.sampler, args.guidance, weights, args.sigma_rel, args.seed, args.precision, args.bootstrap, args.sample_precision, args.compile)
     if args.untrained == (args.ckpt is not None):
         raise ConfigError("evaluate: give exactly one of --ckpt C and --untrained")
     if args.untrained:

@@ -33,9 +33,10 @@ class Protocol:
     weights: str = "ema"  # ema, current, posthoc (EDM2 reconstruction at sigma_rel), or init (untrained)
     sigma_rel: float | None = None  # for posthoc
     seed: int = 0  # seeds the sampling noise and the bootstrap
-    precision: str = "fp32"  # Inception precision: fp32 or bf16
+    precision: str = "fp32"  # Inception precision: fp32, bf16, or auto (bf16 where native: runtime.native_bf16)
     bootstrap: int = 200  # resamples for the 95% interval; 0 = none
-    sample_precision: str = "fp32"  # the denoiser's precision while sampling: fp32, or bf16 autocast (ε and x_t stay fp32)
+    sample_precision: str = "fp32"  # the denoiser's precision while sampling: fp32, bf16 autocast (ε and x_t stay fp32), or auto
+    compile: bool = False  # torch.compile the denoiser for sampling (`DiffusionModule.sample`)
 
     def __post_init__(self):
         from lit_mpdit.diffusion import SAMPLERS
@@ -43,8 +44,11 @@ class Protocol:
 
         check_choice("--sampler", self.sampler, SAMPLERS)
         check_choice("--weights", self.weights, WEIGHT_CHOICES)
-        check_choice("--precision", self.precision, PRECISIONS)
-        check_choice("--sample-precision", self.sample_precision, PRECISIONS)
+        from lit_mpdit.runtime import AUTO, resolve_precision
+
+        for field, option in (("precision", "--precision"), ("sample_precision", "--sample-precision")):
+            check_choice(option, getattr(self, field), (*PRECISIONS, AUTO))
+            object.__setattr__(self, field, resolve_precision(getattr(self, field), "bf16", "fp32"))  # frozen: set once, here
         check_range("--steps", self.steps, 1)
         check_range("--guidance", self.guidance, 0)
         check_range("--bootstrap", self.bootstrap, 0)
@@ -80,7 +84,7 @@ def evaluate(
     reference = reference_features(reference_name, reference_images, protocol.n_ref, net=net)
     labels = balanced_labels(protocol.n_fake, module.hparams.num_classes)
     with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=protocol.sample_precision == "bf16"):
-        samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed)
+        samples = module.sample(labels, steps=protocol.steps, sampler=protocol.sampler, guidance=protocol.guidance, seed=protocol.seed, compile=protocol.compile)
     sampled = time.perf_counter()
     fake = net((to_images or to_uint8)(samples))
     fid = fid_from_features(reference, fake)

@@ -101,7 +101,7 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddpm",  # for grids and `sample`
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
-        compile: bool = False,  # torch.compile the network's training pass (forward and backward); sampling stays eager
+        compile: bool = False,  # torch.compile the network's training pass (forward and backward); `sample(compile=)` for sampling
         predict_per_class: int = 8,  # `predict`: images drawn per class (with the sampling options above)
     ):
         super().__init__()
@@ -272,19 +272,29 @@ class DiffusionModule(L.LightningModule):
         guidance: float | None = None,
         seed: int = 0,
         batch_size: int = 256,
+        compile: bool = False,  # through torch.compile: one graph per batch shape, compiled on first use and kept
     ) -> torch.Tensor:
-        """Samples in the data's range (N, C, H, W), drawn with the current weights in eval mode."""
+        """Samples in the data's range (N, C, H, W), drawn with the current weights in eval mode. Compiled, the
+        batches are made equal (at most `batch_size`, sizes differing by at most one: at most two graphs), so the
+        noise is drawn in other chunks than eager sampling's and the samples differ from it as another seed's do."""
         h = self.hparams
         diffusion = self.diffusion.respaced(steps or h.sample_steps)
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        labels = labels.to(self.device)
+        batches = labels.tensor_split(-(-len(labels) // batch_size)) if compile else labels.split(batch_size)
+        net = self.net
+        if compile:  # kept outside the module's registry, like the training pass's (see __init__)
+            if "_compiled_sampler" not in self.__dict__:
+                self.__dict__["_compiled_sampler"] = torch.compile(self.net, dynamic=False)
+            net = self.__dict__["_compiled_sampler"]
         was_training = self.training
         self.eval()
         out = []
-        for y in labels.to(self.device).split(batch_size):
+        for y in batches:
             noise = torch.randn((len(y), h.in_channels, h.input_size, h.input_size), generator=gen, device=self.device)
             out.append(
                 diffusion.sample(
-                    self.net,
+                    net,
                     noise,
                     y,
                     sampler=sampler or h.sampler,

@@ -43,18 +43,24 @@ def test_where_the_cpu_emulates_bf16_the_benches_time_fp32_and_say_what_bounds_b
     assert bench.default_precisions() == list(bench.PRECISIONS)
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("native", [pytest.param(True, marks=pytest.mark.slow), False])  # slow: bf16 emulated here, and a compile
 def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path, monkeypatch, native):
     import bench_eval
 
     monkeypatch.setattr(bench_eval, "default_precisions", lambda: ["fp32", "bf16-mixed"] if native else ["fp32"])
-    report = bench_eval.main(["--profile", "smoke", "--rounds", "1", "--out", str(tmp_path)])
+    compile = [] if native else ["--no-compile"]  # one compile is enough for the suite's time
+    report = bench_eval.main(["--profile", "smoke", "--rounds", "1", *compile, "--out", str(tmp_path)])
     assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(report))
     assert all(v > 0 for v in report["sampler"]["images_per_s"].values()) and report["inception"]["images_per_s"] > 0
     assert report["bootstrap"]["max_relative_difference"] < 1e-6
     md = (tmp_path / "eval.md").read_text()
     assert "| sampler (T/4" in md
-    assert sorted(report["sampler"]["images_per_s"]) == (["bf16", "fp32"] if native else ["fp32"])  # no emulated bf16 timed
+    timed = sorted(report["sampler"]["images_per_s"])
+    if native:  # the compiled sampler runs in the faster eager precision
+        assert timed in (["bf16", "bf16 compiled", "fp32"], ["bf16", "fp32", "fp32 compiled"]) and report["sampler"]["compile_s"] > 0
+        assert report["sampler"]["compiled_speedup"] > 0 and "(torch.compile)" in md
+    else:  # no emulated bf16 timed
+        assert timed == ["fp32"] and report["sampler"]["compiled_speedup"] is None and "compiled sampling not timed" in md
     assert ("bf16 sampling not timed: this CPU has no native bf16" in md) != native and (report["sampler"]["bf16_speedup"] is None) != native
 
 

@@ -198,3 +198,27 @@ def test_compiled_training_pass_matches_the_eager_one_and_sampling_stays_eager(m
         for p in twin.net.parameters():
             p.zero_()
     assert twin._compiled_net._orig_mod is twin.net
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mp", ["A", "E"])
+def test_compiled_sampling_draws_what_eager_sampling_draws_from_the_same_noise(mp):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    module = DiffusionModule(size="T/4", conditioning="rotation+scale", mp=mp, input_size=8)
+    with torch.no_grad():  # away from the initialisation's zero output layer, so the network's output matters
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    labels = torch.arange(4)  # one batch either way, so the same noise
+    eager = module.sample(labels, steps=3, seed=1)
+    compiled = module.sample(labels, steps=3, seed=1, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert eager.std() > 0.05  # a real picture of noise, not a constant
+    graphs = counters["stats"]["unique_graphs"]
+    module.sample(torch.arange(7), steps=2, batch_size=3, compile=True)  # batches 3, 2, 2: new shapes compile
+    assert counters["stats"]["unique_graphs"] > graphs
+    graphs = counters["stats"]["unique_graphs"]
+    module.sample(labels, steps=3, seed=2, compile=True)  # a shape compiled before: its graph is reused
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert module.training  # sampling leaves the mode it found

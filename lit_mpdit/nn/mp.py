@@ -169,8 +169,8 @@ class MPLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """gain · normalize(w) / √fan_in: the weight a unit-variance input sees."""
-        if self.training or torch.is_grad_enabled():
-            return _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps)
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps)  # compiled: fused into the graph
         # Sampling runs the same weights hundreds of times: normalize once per parameter version.
         params = [self.weight] if self.gain is None else [self.weight, self.gain]
         key = tuple(v for p in params for v in (p.data_ptr(), p._version))
