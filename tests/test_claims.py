@@ -113,3 +113,20 @@ def test_the_readme_quotes_the_committed_claims_as_the_code_writes_them_from_the
     rows = [line for line in committed.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     readme = (root / "README.md").read_text()
     assert len(rows) == 4 and all(row in readme for row in rows), f"README.md does not quote {folder / 'claims.md'}"
+
+
+def test_the_committed_fp32_pair_is_judged_as_the_code_judges_it_and_the_readme_quotes_its_intervals(tmp_path):
+    import shutil
+
+    from ablations.report import reproduction, write_reproduction
+
+    root = Path(__file__).resolve().parents[1] / "results" / "ablations"
+    shutil.copy(root / "cpu_fp32" / "fid_table.csv", tmp_path / "fid_table.csv")
+    def body(text: str) -> str:  # without the title, which names the folders
+        return text.split("\n", 1)[1]
+
+    assert body(write_reproduction(tmp_path, root / "cpu")) == body((root / "cpu_fp32" / "reproduction.md").read_text())
+    readme = (root.parents[1] / "README.md").read_text()
+    for row in reproduction(tmp_path, root / "cpu").itertuples():
+        quoted = f"| {row.conditioning} / {row.mp} | {row.fid:.2f} [" in readme and f"{row.fid_committed:.2f} [{row.committed_low:.2f}, {row.committed_high:.2f}]" in readme
+        assert quoted and row.within_committed_spread, row
