@@ -41,11 +41,10 @@ class Protocol:
     def __post_init__(self):
         from lit_mpdit.diffusion import SAMPLERS
         from lit_mpdit.metrics.fid import PRECISIONS
+        from lit_mpdit.runtime import AUTO, resolve_precision
 
         check_choice("--sampler", self.sampler, SAMPLERS)
         check_choice("--weights", self.weights, WEIGHT_CHOICES)
-        from lit_mpdit.runtime import AUTO, resolve_precision
-
         for field, option in (("precision", "--precision"), ("sample_precision", "--sample-precision")):
             check_choice(option, getattr(self, field), (*PRECISIONS, AUTO))
             object.__setattr__(self, field, resolve_precision(getattr(self, field), "bf16", "fp32"))  # frozen: set once, here

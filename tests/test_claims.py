@@ -122,6 +122,7 @@ def test_the_committed_fp32_pair_is_judged_as_the_code_judges_it_and_the_readme_
 
     root = Path(__file__).resolve().parents[1] / "results" / "ablations"
     shutil.copy(root / "cpu_fp32" / "fid_table.csv", tmp_path / "fid_table.csv")
+
     def body(text: str) -> str:  # without the title, which names the folders
         return text.split("\n", 1)[1]
 
