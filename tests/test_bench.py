@@ -13,7 +13,8 @@ import run as bench  # noqa: E402
 from lit_mpdit.conditioning import NAMED_STRATEGIES  # noqa: E402
 
 
-def test_bench_measures_every_configuration_and_target(tmp_path):
+@pytest.mark.slow  # every strategy at both rungs built and timed: `make bench`'s own check
+def test_bench_measures_every_configuration_and_target(tmp_path, all_cores):
     report = bench.main(["--settings", "T/4 tiny", "--rounds", "1", "--precisions", "fp32", "bf16-mixed", "--fid-n", "0", "--cell", "", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "latest.json").read_text()) == json.loads(json.dumps(report))
     configs = {(r["conditioning"], r["mp"], r["precision"], r["gains"]) for r in report["rows"]}
@@ -43,7 +44,8 @@ def test_where_the_cpu_emulates_bf16_the_benches_time_fp32_and_say_what_bounds_b
     assert bench.default_precisions() == list(bench.PRECISIONS)
 
 
-@pytest.mark.parametrize("native", [pytest.param(True, marks=pytest.mark.slow), False])  # slow: bf16 emulated here, and a compile
+@pytest.mark.slow  # a sampler, the Inception and the bootstraps timed over rounds: a minute on two cores
+@pytest.mark.parametrize("native", [True, False])  # True: bf16 (emulated on CPUs without it) and a compile
 def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_path, monkeypatch, native):
     import bench_eval
 

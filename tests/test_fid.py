@@ -22,6 +22,7 @@ from lit_mpdit.runtime import AUTO, resolve_precision
 
 FAST = resolve_precision(AUTO, "bf16", "fp32")
 from lit_mpdit.metrics import frechet
+from conftest import every_core
 
 SAMPLE = Path(__file__).parent / "data" / "fmnist_sample.npz"
 N = 32
@@ -52,7 +53,8 @@ def images() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def feats(net, images) -> dict[str, torch.Tensor]:
-    return {name: net(x) for name, x in images.items()}
+    with every_core():
+        return {name: net(x) for name, x in images.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_layer_by_layer_fp32_is_the_torchscript_forward(images):
         assert torch.equal(net.network(x), net.net(x))
 
 
-def test_features_shape_and_bf16_close_to_fp32(images, feats):
+def test_features_shape_and_bf16_close_to_fp32(images, feats, all_cores):
     assert feats["test"].shape == (N, 2048) and feats["test"].dtype == torch.float32
     fp32 = F.InceptionFeatures("fp32")(images["test"][:4])
     cosine = torch.nn.functional.cosine_similarity(fp32, F.InceptionFeatures("bf16")(images["test"][:4]), dim=1)
@@ -146,7 +148,7 @@ def test_fid_against_noise_is_enormous(feats):
     assert frechet.frechet_distance(feats["test"], feats["noise"]) > max(100.0, 3 * between_real)
 
 
-def test_metric_over_images_holds_the_reference_sums(net, images, feats):
+def test_metric_over_images_holds_the_reference_sums(net, images, feats, all_cores):
     metric = F.fid_metric(net)
     metric.update(images["test"], real=True)
     preloaded = F.fid_metric(net, reference=feats["test"])
@@ -179,7 +181,7 @@ def test_bootstrap_interval_contains_the_estimate(feats, resample_reference):
 # Reference cache
 
 
-def test_reference_cache_hit_miss_and_key_check(net, images, tmp_path):
+def test_reference_cache_hit_miss_and_key_check(net, images, tmp_path, all_cores):
     calls = []
 
     def images_fn() -> torch.Tensor:
@@ -267,7 +269,7 @@ def test_unknown_spec_is_a_config_error(spec):
 # Command line (torchmetrics' compute() at full dimension: the one slow step of this file)
 
 
-def test_cli_prints_one_json_line(feats, tmp_path, capsys):
+def test_cli_prints_one_json_line(feats, tmp_path, capsys, all_cores):
     F.main([f"fashion_mnist_sample:test:{N}", f"fashion_mnist_sample:train:{N}", "--precision", FAST,
             "--bootstrap", "20", "--cache-dir", str(tmp_path)])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()

@@ -163,7 +163,7 @@ def latent_profile(latents: Path, references: dict[str, str]) -> dict:
     }
 
 
-def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(latents, images, tmp_path, capsys):
+def test_a_latent_cell_trains_and_is_scored_on_decoded_samples_with_posthoc_ema(latents, images, tmp_path, capsys, all_cores):
     import math
 
     from ablations.cells import Cell, check_data, run_cell

@@ -24,8 +24,8 @@ class LossLog(L.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-@pytest.mark.parametrize("mp", ["A", "E"])
-def test_tiny_fit_on_fashion_mnist_sample_lowers_the_loss(mp):
+@pytest.mark.parametrize("mp", [pytest.param("A", marks=pytest.mark.slow), "E"])  # the MP fit, the more fragile, by default
+def test_tiny_fit_on_fashion_mnist_sample_lowers_the_loss(mp, all_cores):
     L.seed_everything(0)
     data = FashionMNISTSampleDataModule(batch_size=64, val_size=64)
     model = DiffusionModule(size="T/4", mp=mp, lr=1e-3 if mp == "A" else None, warmup_steps=10 if mp == "E" else None)
@@ -81,7 +81,7 @@ class GradNorm(L.Callback):
 
 
 @pytest.mark.parametrize("optimizer, clipped", [("paper", True), ("auto", False)])
-def test_paper_preset_clips_the_gradient_norm_at_a_tenth(optimizer, clipped):
+def test_paper_preset_clips_the_gradient_norm_at_a_tenth(optimizer, clipped, all_cores):
     L.seed_everything(0)
     data = FashionMNISTSampleDataModule(batch_size=32, val_size=32)
     model = DiffusionModule(size="T/4", mp="A", optimizer=optimizer)
@@ -129,7 +129,7 @@ def test_bad_module_options_are_refused(kwargs, option):
         DiffusionModule(size="T/4", **kwargs)
 
 
-def test_periodic_fid_is_logged_during_fit(tmp_path):
+def test_periodic_fid_is_logged_during_fit(tmp_path, all_cores):
     from lightning.pytorch.loggers import CSVLogger
 
     from lit_mpdit.callbacks import PeriodicFID
@@ -147,7 +147,7 @@ def test_periodic_fid_is_logged_during_fit(tmp_path):
     assert fid.seconds > 0
 
 
-def test_periodic_fid_can_leave_the_last_step_to_a_final_evaluation(tmp_path):
+def test_periodic_fid_can_leave_the_last_step_to_a_final_evaluation(tmp_path, all_cores):
     from lightning.pytorch.loggers import CSVLogger
 
     from lit_mpdit.callbacks import PeriodicFID

@@ -10,6 +10,7 @@ import torch
 
 from ablations.cells import HERE, Cell, cell_config, grid_cells, load_profile, load_yaml, validate_grid
 from ablations.sweep import sweep
+from conftest import every_core
 from lit_mpdit.conditioning import Conditioning
 from lit_mpdit.config import GRID_MP_VALUES, LADDER, PAPER_VARIANTS
 from lit_mpdit import build_dit
@@ -172,7 +173,8 @@ def test_each_sweep_of_a_process_logs_into_its_own_store(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    sweep("smoke", out, None, None, "grid", None, CELLS)
+    with every_core():  # two cells' training and FID sets: real work, the session's slowest fixture on one core
+        sweep("smoke", out, None, None, "grid", None, CELLS)
     return out
 
 
@@ -187,8 +189,8 @@ def test_every_cell_has_a_convergence_curve_whose_last_point_is_the_final_evalua
         record = json.loads((smoke_sweep / "cells" / cell / "result.json").read_text())
         sampled = pd.read_csv(smoke_sweep / "cells" / cell / "metrics.csv").dropna(subset=["val/fid"])
         assert list(sampled.step) == [6]  # the last step is not sampled twice
-        assert record["fid_curve_final"]["step"] == 12 and record["fid_curve_final"]["n_fake"] == 32
-        # FID-32 of the same images is biased far above their FID-64
+        assert record["fid_curve_final"]["step"] == 12 and record["fid_curve_final"]["n_fake"] == 16
+        # FID-16 of the same images is biased far above their FID-32
         assert record["fid_curve_final"]["fid"] > record["fid"]
         c = Cell.from_id(cell)
         steps = curves[(curves.conditioning == c.conditioning) & (curves.mp == c.mp)].step
@@ -448,7 +450,7 @@ def test_a_trial_that_raises_is_marked_so(tmp_path, monkeypatch):
     assert study.trials[0].user_attrs[driver.RAISED] == "RuntimeError: boom"
 
 
-def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smoke_sweep, tmp_path):
+def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smoke_sweep, tmp_path, all_cores):
     import shutil
 
     from ablations.cells import run_cell
