@@ -16,6 +16,12 @@ beside the CPU torch this suite pins. `timm_layers` registers stand-ins under ti
 timm 1.0's layers compute for DiT's arguments (a strided convolution and flatten; qkv projection, fused
 scaled-dot-product attention, output projection; two linears around the activation), with timm's attribute names,
 so DiT's own initialisation and forward run unchanged.
+
+Both steps are mostly matrix products, so the machine's matmul peak, measured in the same run, bounds them: the
+report gives each step's FLOPs (torch's counter, forward and backward) and fraction of that peak, and the best
+ratio to DiT this suite could reach at its precision if its step ran at the peak. Where that bound is under the
+target, no code change can meet it on this machine at that precision: only fewer FLOPs or a faster unit (bf16
+where it is native) can.
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lit_mpdit.cost import n_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Config, profile_precision, run_header, timed, write_report  # noqa: E402
+from run import PRECISIONS, Config, precision_peaks, profile_precision, run_header, timed, write_report  # noqa: E402
 
 BATCH, INPUT, CHANNELS, CLASSES = 32, 16, 4, 1000
 TARGET = 1.3  # the speed issue: this suite's step at the cpu profile's setting ≥ 1.3× DiT's
@@ -97,12 +104,22 @@ class Reference:
         self.x, self.y = torch.randn(BATCH, CHANNELS, INPUT, INPUT), torch.randint(0, CLASSES, (BATCH,))
         self.params = n_params(self.model)
 
-    def step(self) -> None:
+    def loss(self) -> torch.Tensor:
         t = torch.randint(0, self.diffusion.num_timesteps, (BATCH,))
-        loss = self.diffusion.training_losses(self.model, self.x, t, dict(y=self.y))["loss"].mean()
+        return self.diffusion.training_losses(self.model, self.x, t, dict(y=self.y))["loss"].mean()
+
+    def step(self) -> None:
+        loss = self.loss()
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
+
+    def train_gflops(self) -> float:
+        """FLOPs of one forward + backward, counted as run.Config counts this suite's."""
+        with FlopCounterMode(display=False) as counter:
+            self.loss().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,22 +143,31 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         for name, step in systems.items():
             best[name] = min(best[name], timed(step))
-    rows = [{"system": "facebookresearch/DiT", "rung": "", "precision": "fp32", "compiled": False, "params": reference.params, "step_s": best["DiT"]}]
+    peaks = precision_peaks()  # in this run, after the timed rounds
+    peak_of = lambda p: peaks["bf16" if PRECISIONS[p] else "fp32"]  # noqa: E731 - GFLOP/s of the unit a precision runs on
+    gflops = {mp: ours[mp, "fp32", False].train_gflops() for mp in ("A", "E")}  # counted eagerly: compiling changes no FLOP
+    rows = [{"system": "facebookresearch/DiT", "rung": "", "precision": "fp32", "compiled": False, "params": reference.params, "step_s": best["DiT"],
+             "train_gflops": reference.train_gflops()}]
     rows += [
         {"system": "lit_mpdit", "rung": mp, "precision": precision, "compiled": compiled, "params": n_params(ours[mp, precision, compiled].module.net),
-         "step_s": best[mp, precision, compiled]}
+         "step_s": best[mp, precision, compiled], "train_gflops": gflops[mp]}
         for mp, precision, compiled in keys
     ]  # fmt: skip
     for row in rows:
         row["speed_vs_dit"] = best["DiT"] / row["step_s"]
+        row["fraction_of_peak"] = row["train_gflops"] / row["step_s"] / peak_of(row["precision"])
+        # Had the step run at the matmul peak: the most a faster implementation could give at this precision.
+        row["bound_vs_dit"] = best["DiT"] / (row["train_gflops"] / peak_of(row["precision"]))
     profile = next(r for r in rows if r["rung"] == "A" and r["compiled"])
     report = {
         **run_header("bench_reference.py", argv),
         "rounds": args.rounds,
         "profile_precision": precision,
-        "target": {"value": profile["speed_vs_dit"], "goal": f"≥ {TARGET}", "met": profile["speed_vs_dit"] >= TARGET},
+        "peaks_gflops": peaks,
+        "target": {"value": profile["speed_vs_dit"], "goal": f"≥ {TARGET}", "met": profile["speed_vs_dit"] >= TARGET,
+                   "bound": profile["bound_vs_dit"], "reachable": profile["bound_vs_dit"] >= TARGET},
         "rows": rows,
-    }
+    }  # fmt: skip
     return write_report(out / "reference", report, markdown(report))
 
 
@@ -155,9 +181,14 @@ def markdown(report: dict) -> str:
         "",
         f"Rung A at the cpu profile's setting ({report['profile_precision']}, compiled) against DiT: **{t['value']:.2f}×** (goal {t['goal']}: {'met' if t['met'] else 'not met'}).",
         "",
-        "| system | rung | precision | compiled | params | step ms | speed vs DiT |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {r['system']} | {r['rung']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['params'] / 1e6:.2f} M | {1e3 * r['step_s']:.0f} | {r['speed_vs_dit']:.2f} |" for r in report["rows"]),
+        f"What bounds it: matmul peak in this run {report['peaks_gflops']['fp32']:.0f} GFLOP/s fp32, {report['peaks_gflops']['bf16']:.1f} bf16. "
+        f"At the profile's precision this suite's step would be {t['bound']:.2f}× DiT's if it ran at that peak"
+        + ("." if t["reachable"] else f", under the goal: on this machine at {report['profile_precision']} the target cannot be met by a faster implementation of the same FLOPs."),
+        "",
+        "| system | rung | precision | compiled | params | step ms | GFLOP per step | fraction of matmul peak | speed vs DiT | at the peak, vs DiT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['system']} | {r['rung']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['params'] / 1e6:.2f} M | {1e3 * r['step_s']:.0f} | "
+          f"{r['train_gflops']:.1f} | {r['fraction_of_peak']:.2f} | {r['speed_vs_dit']:.2f} | {r['bound_vs_dit']:.2f} |" for r in report["rows"]),
     ]) + "\n"  # fmt: skip
 
 
