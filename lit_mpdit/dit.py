@@ -282,14 +282,15 @@ class DiT(nn.Module):
         sub_block = [*self.cfg.conditioning.heads, self.cfg.gate_head]
         groups = [sub_block * 2] * self.cfg.depth + [list(self.cfg.conditioning.heads)]  # per block, then final
         rows: dict[str, list[tuple[int, int]]] = {kind: [] for kind in HEAD_LAYERS}  # kind → (group, width) per head
-        self.slots: list[list[tuple[str, int, int]]] = []  # per group: (kind, first row, width) of every head
+        self.slots: list[list[tuple[str, int]]] = []  # per group: (kind, index among its kind's heads) of every head
         for g, heads in enumerate(groups):
             slots = []
             for head in heads:
                 kind = angle if head.kind == "angle" else head.kind
-                slots.append((kind, sum(w for _, w in rows[kind]), head.width(d)))
+                slots.append((kind, len(rows[kind])))
                 rows[kind].append((g, head.width(d)))
             self.slots.append(slots)
+        self.head_widths = {kind: [w for _, w in heads] for kind, heads in rows.items() if heads}  # rows of every head, in order
         for kind, heads in rows.items():
             if not heads:
                 continue
@@ -333,9 +334,12 @@ class DiT(nn.Module):
                     nn.init.zeros_(head.bias)
 
     def head_outputs(self, c: torch.Tensor) -> list[list[torch.Tensor]]:
-        """c (N, D) → every head's output (N, w), per block and then the final layer's."""
-        outs = {kind: getattr(self, name)(c) for kind, name in HEAD_LAYERS.items() if hasattr(self, name)}
-        return [[outs[kind].narrow(1, start, w) for kind, start, w in slots] for slots in self.slots]
+        """c (N, D) → every head's output (N, w), per block and then the final layer's. One split per kind of
+        head, not a slice per head: a slice's backward writes a zero-filled gradient of the whole product and the
+        slices' gradients are then summed (about 75 products' worth per step at S/4), a split's backward is one
+        concatenation."""
+        outs = {kind: getattr(self, HEAD_LAYERS[kind])(c).split(widths, dim=1) for kind, widths in self.head_widths.items()}
+        return [[outs[kind][i] for kind, i in slots] for slots in self.slots]
 
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c = time ⊕ class embedding, after the activation the modulation heads read."""

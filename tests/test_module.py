@@ -80,14 +80,16 @@ class GradNorm(L.Callback):
         self.norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
 
 
-@pytest.mark.parametrize("optimizer, clipped", [("paper", True), ("auto", False)])
-def test_paper_preset_clips_the_gradient_norm_at_a_tenth(optimizer, clipped, all_cores):
+@pytest.mark.parametrize("optimizer, clipped, precision", [("paper", True, "bf16-mixed"), ("paper", True, "32-true"), ("auto", False, "bf16-mixed")])
+def test_paper_preset_clips_the_gradient_norm_at_a_tenth(optimizer, clipped, precision, all_cores):
     L.seed_everything(0)
     data = FashionMNISTSampleDataModule(batch_size=32, val_size=32)
     model = DiffusionModule(size="T/4", mp="A", optimizer=optimizer)
     norms = GradNorm()
-    trainer(max_steps=4, limit_val_batches=0, callbacks=[norms], precision="bf16-mixed").fit(model, datamodule=data)
+    fit = trainer(max_steps=4, limit_val_batches=0, callbacks=[norms], precision=precision)
+    fit.fit(model, datamodule=data)
     assert (max(norms.norms) <= 0.1 * (1 + 1e-4)) == clipped, norms.norms
+    assert fit.optimizers[0].defaults["fused"]  # clipped or not: no gradient scaler on a CPU, so one kernel per step
 
 
 def test_non_finite_loss_stops_the_run_with_a_clear_message():
