@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lit_mpdit.cost import n_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import PRECISIONS, Config, precision_peaks, profile_precision, run_header, timed, write_report  # noqa: E402
+from run import PRECISIONS, Config, precision_peaks, profile_precision, run_header, timed, train_gflops, write_report  # noqa: E402
 
 BATCH, INPUT, CHANNELS, CLASSES = 32, 16, 4, 1000
 TARGET = 1.3  # the speed issue: this suite's step at the cpu profile's setting ≥ 1.3× DiT's
@@ -114,13 +113,6 @@ class Reference:
         loss.backward()
         self.optimizer.step()
 
-    def train_gflops(self) -> float:
-        """FLOPs of one forward + backward, counted as run.Config counts this suite's."""
-        with FlopCounterMode(display=False) as counter:
-            self.loss().backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / 1e9
-
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_of = lambda p: peaks["bf16" if PRECISIONS[p] else "fp32"]  # noqa: E731 - GFLOP/s of the unit a precision runs on
     gflops = {mp: ours[mp, "fp32", False].train_gflops() for mp in ("A", "E")}  # counted eagerly: compiling changes no FLOP
     rows = [{"system": "facebookresearch/DiT", "rung": "", "precision": "fp32", "compiled": False, "params": reference.params, "step_s": best["DiT"],
-             "train_gflops": reference.train_gflops()}]
+             "train_gflops": train_gflops(reference.loss, reference.optimizer)}]
     rows += [
         {"system": "lit_mpdit", "rung": mp, "precision": precision, "compiled": compiled, "params": n_params(ours[mp, precision, compiled].module.net),
          "step_s": best[mp, precision, compiled], "train_gflops": gflops[mp]}

@@ -73,6 +73,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def train_gflops(loss, optimizer: torch.optim.Optimizer) -> float:
+    """FLOPs of one forward + backward of `loss()`, counted by torch's FLOP counter (matmuls, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        loss().backward()
+    optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
 class Config:
     """One module and its inputs; `step()` is one optimizer step on a fixed batch."""
 
@@ -105,11 +113,11 @@ class Config:
         self.optimizer.step()
 
     def train_gflops(self) -> float:
-        """FLOPs of one forward + backward, counted by torch's FLOP counter (matmuls, attention)."""
-        with FlopCounterMode(display=False) as counter, self.autocast():
-            self.module.losses(self.x, self.y)["loss"].backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / 1e9
+        def loss() -> torch.Tensor:
+            with self.autocast():
+                return self.module.losses(self.x, self.y)["loss"]
+
+        return train_gflops(loss, self.optimizer)
 
     def train_memory_mb(self) -> float:
         """Parameters, gradients and optimizer state, plus every tensor autograd saves for the backward."""
