@@ -85,7 +85,7 @@ class Config:
     """One module and its inputs; `step()` is one optimizer step on a fixed batch."""
 
     def __init__(
-        self, setting: str, conditioning: str, mp: str, batch: int, precision: str, gains: str = "per_head", compiled: bool = False, optimizer: str = "auto"
+        self, setting: str, conditioning: str, mp: str, batch: int, precision: str, gains: str = "per_head", compiled: bool | str = False, optimizer: str = "auto"
     ):
         size, input_size, channels, classes, _ = SETTINGS[setting]
         self.key = {"setting": setting, "size": size, "conditioning": conditioning, "mp": mp, "batch": batch, "precision": precision, "gains": gains}

@@ -18,6 +18,7 @@ from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
 from lit_mpdit.dit import DiT, build_dit
 from lit_mpdit.errors import ConfigError, check_choice, check_range
 
+COMPILE_MODES = tuple(torch._inductor.list_mode_options())  # torch.compile's modes: default, max-autotune, …
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite: the run is stopped rather than trained on garbage."""
@@ -103,7 +104,7 @@ class DiffusionModule(L.LightningModule):
         sampler: str = "ddpm",  # for grids and `sample`
         guidance: float = 1.5,  # classifier-free guidance scale for grids and `sample`
         clip_x0: bool = True,  # clamp predicted x_0 to [-1, 1] when sampling (pixels: yes; latents: no)
-        compile: bool = False,  # torch.compile the network's training pass (forward and backward); `sample(compile=)` for sampling
+        compile: bool | str = False,  # torch.compile the training pass (forward and backward): true, or a mode of COMPILE_MODES; `sample(compile=)` for sampling
         predict_per_class: int = 8,  # `predict`: images drawn per class (with the sampling options above)
     ):
         super().__init__()
@@ -112,6 +113,8 @@ class DiffusionModule(L.LightningModule):
         if variant is not None:
             paper_variant(variant)  # an unknown name: one line naming the allowed ones
         check_choice("model.sampler", sampler, SAMPLERS)
+        if not isinstance(compile, bool):
+            check_choice("model.compile", compile, ["true", "false", *COMPILE_MODES])
         for option, value, low, high, open_low in (
             ("model.num_timesteps", num_timesteps, 1, None, False),
             ("model.sample_steps", sample_steps, 1, num_timesteps, False),
@@ -132,7 +135,8 @@ class DiffusionModule(L.LightningModule):
         # Only the training pass is compiled: evaluation runs the network in eval mode without gradients, at
         # other batch sizes, each of which would compile a graph of its own for a few hundred passes.
         # Kept outside the module's registry, so parameter names, checkpoints and EMA copies are the eager net's.
-        self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False) if compile else None
+        mode = None if compile in (True, "default") else compile
+        self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False, mode=mode) if compile else None
 
     @property
     def null_class(self) -> int:

@@ -31,6 +31,7 @@ CASES = [
     (FIT + ["--model.norm", "batchnorm"], "model.norm: unknown value 'batchnorm'; allowed: 'layernorm', 'rmsnorm', 'none'"),
     (FIT + ["--model.variant", "bogus"], "model.variant: unknown value 'bogus'; allowed: 'old-mod_opts/adaln'"),
     (FIT + ["--model.flags", "{gate: wobble}"], "model.flags.gate: unknown value 'wobble'; allowed: 'scalar', 'one_plus', 'rotation'"),
+    (FIT + ["--model.compile", "fast"], "model.compile: unknown value 'fast'; allowed: 'true', 'false', 'default', "),
     (FIT + ["--trainer.precision", "16-mixed"], "--trainer.precision: 16-mixed needs a GPU"),
     pytest.param(
         FIT + ["--trainer.accelerator", "gpu"], "--trainer.accelerator: gpu asked for, but this machine has no CUDA GPU; allowed here: cpu, auto",

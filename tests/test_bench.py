@@ -70,13 +70,25 @@ def test_the_evaluation_bench_times_every_part_and_its_two_bootstraps_agree(tmp_
 def test_the_compile_bench_times_every_variant_and_computes_the_speed_targets(tmp_path):
     import bench_compile
 
-    report = bench_compile.main(["--settings", "T/4 tiny", "--strategies", "adaln", "--rounds", "1", "--precisions", "fp32", "bf16-mixed", "--out", str(tmp_path)])
+    modes = ["default", "max-autotune-no-cudagraphs"]
+    argv = ["--settings", "T/4 tiny", "--strategies", "adaln", "--rounds", "1", "--precisions", *bench_compile.PRECISIONS, "--modes", *modes]
+    report = bench_compile.main([*argv, "--out", str(tmp_path)])
     assert json.loads((tmp_path / "compile.json").read_text()) == json.loads(json.dumps(report))
-    variants = {(r["conditioning"], r["mp"], r["precision"], r["compiled"]) for r in report["rows"]}
-    assert variants == {("adaln", mp, p, k) for mp in bench_compile.RUNGS for p, k in bench_compile.VARIANTS}
-    assert all(r["step_s"] > 0 and (r["compile_s"] > 0) == r["compiled"] for r in report["rows"])
+    variants = {(r["conditioning"], r["mp"], r["precision"], r["mode"]) for r in report["rows"]}
+    assert variants == {("adaln", mp, p, m) for mp in bench_compile.RUNGS for p in bench_compile.PRECISIONS for m in ["eager", *modes]}
+    assert all(r["step_s"] > 0 and (r["compile_s"] > 0) == r["compiled"] == (r["mode"] != "eager") for r in report["rows"])
+    profiled = {(r["mp"], r["mode"]) for r in report["rows"] if r["parts_s"] is not None}  # the profile's precision, eager and the first mode
+    assert profiled == {(mp, m) for mp in bench_compile.RUNGS for m in ("eager", "default")}
+    for r in report["rows"]:
+        if r["parts_s"] is not None:
+            assert set(r["parts_s"]) == set(bench_compile.PARTS) and r["parts_s"]["matrix products"] > 0
+            assert (r["parts_s"]["fused kernels (inductor)"] > 0) == r["compiled"]  # only a compiled step runs inductor's kernels
     assert {t["target"] for t in report["targets"]} == set(bench_compile.TARGETS)
-    assert "| cpu profile's training / eager fp32, compile included |" in (tmp_path / "compile.md").read_text()
+    cells = [t for t in report["targets"] if t["target"] == "cpu profile's training / eager fp32, compile included"]
+    assert len(cells) == 2 * len(modes) and all((t["bound"] is not None) == ("max-autotune" not in t["where"]) for t in cells)
+    assert all(t["bound"] >= t["value"] for t in cells if t["bound"] is not None)  # nothing but the matrix products can be faster
+    md = (tmp_path / "compile.md").read_text()
+    assert "| cpu profile's training / eager fp32, compile included |" in md and "| matrix products | attention |" in md
 
 
 def test_the_reference_bench_refuses_a_folder_without_dits_code_before_work(tmp_path, capsys):
