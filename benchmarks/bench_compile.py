@@ -4,10 +4,11 @@ from one run, and where the compiled step's time goes.
 
     python benchmarks/bench_compile.py [--settings "T/4 fmnist" "S/4 latents"] [--strategies adaln ...] [--modes default ...] [--rounds 5] [--out results/bench]
 
-Writes results/bench/compile.json and compile.md. One fresh process per setting, with an empty inductor cache,
-so every compile time is a cold one (the first cell of a (strategy, rung) in a sweep pays it; cells after it
-in the same clone find the kernels cached on disk). Every configuration of a setting is built and compiled
-first, then all are timed in interleaved rounds, and the fastest round counts. Then torch.profiler splits a step
+Writes results/bench/compile.json and compile.md. One fresh process per setting, with an empty inductor cache:
+the setting's first configuration compiles cold, later ones reuse the kernels they share with earlier ones, as
+the cells of a sweep do (inductor's cache is on disk; a cell after the first of its (strategy, rung) compiles
+warm). Every configuration of a setting is built and compiled first, then all are timed in interleaved rounds,
+and the fastest round counts. Then torch.profiler splits a step
 of the first strategy's rungs A and E, eager and compiled in the profile's precision, into matrix products,
 attention, inductor's fused kernels, the optimizer and the rest: what bounds the compiled cell.
 """
@@ -132,7 +133,8 @@ def markdown(report: dict) -> str:
         f"# Compiled training, {report['date_utc']}",
         "",
         f"`{report['command']}` on {report['threads']} threads, torch {report['torch']}; fastest of {report['rounds']} interleaved rounds; "
-        f"compile times cold (an empty inductor cache). The cell ratio is {CELL_STEPS} measured steps plus the compile, against "
+        f"compile times from an inductor cache emptied for each setting (its first configuration compiles cold; later ones reuse "
+        f"the kernels they share, as a sweep's later cells do). The cell ratio is {CELL_STEPS} measured steps plus the compile, against "
         f"{CELL_STEPS} eager fp32 steps: training only (a cell's evaluation is benchmarks/bench_eval.py's).",
         "",
         *bf16_note(report, report["precisions"], report["matmul_peak_gflops_per_s"]),
