@@ -2,7 +2,7 @@
 rung A against rung E, for the cpu profile's model and the paper's S/4 on latents: the ratios of the speed issue,
 from one run, and where the compiled step's time goes.
 
-    python benchmarks/bench_compile.py [--settings "T/4 fmnist" "S/4 latents"] [--strategies adaln ...] [--modes default ...] [--rounds 5] [--out results/bench]
+    python benchmarks/bench_compile.py [--settings "T/4 fmnist" "S/4 latents"] [--strategies adaln ...] [--modes default ...] [--rounds 10] [--out results/bench]
 
 Writes results/bench/compile.json and compile.md. One fresh process per setting, with an empty inductor cache:
 the setting's first configuration compiles cold, later ones reuse the kernels they share with earlier ones, as
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(BENCH_SETTINGS))
     p.add_argument("--strategies", nargs="+", default=list(NAMED_STRATEGIES), choices=list(NAMED_STRATEGIES))
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the fastest counts)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (the fastest counts; 5 left ratios at S/4 3-4%% apart between runs)")
     p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS, help="default: both where bf16 is native, else fp32")
     p.add_argument("--modes", nargs="+", default=["default"], choices=COMPILE_MODES, help="torch.compile modes to time (the first is profiled); default = `--model.compile true`")
     p.add_argument("--out", default="results/bench")
