@@ -8,9 +8,9 @@ Writes results/bench/compile.json and compile.md. One fresh process per setting,
 the setting's first configuration compiles cold, later ones reuse the kernels they share with earlier ones, as
 the cells of a sweep do (inductor's cache is on disk; a cell after the first of its (strategy, rung) compiles
 warm). Every configuration of a setting is built and compiled first, then all are timed in interleaved rounds,
-and the fastest round counts. Then torch.profiler splits a step
-of the first strategy's rungs A and E, eager and compiled in the profile's precision, into matrix products,
-attention, inductor's fused kernels, the optimizer and the rest: what bounds the compiled cell.
+and the fastest round counts. Then torch.profiler splits a step of the first strategy's rungs A and E, eager and
+compiled in the profile's precision, into matrix products, attention, inductor's fused kernels, the optimizer
+and the rest: what bounds the compiled cell.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lit_mpdit.conditioning import NAMED_STRATEGIES
-from lit_mpdit.module import COMPILE_MODES
+from lit_mpdit.module import COMPILE_MODES, compile_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import SETTINGS, Config, bf16_note, default_precisions, precision_peaks, profile_precision, run_header, timed, write_report  # noqa: E402
@@ -72,7 +72,7 @@ def step_parts(config: Config) -> dict[str, float]:
 
 def mode_name(compiled: bool | str) -> str:
     """`eager`, or the torch.compile mode (`default` for `--model.compile true`)."""
-    return "eager" if compiled is False else "default" if compiled is True else compiled
+    return compile_mode(compiled) or "eager"
 
 
 def label(mode: str) -> str:
@@ -183,18 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     precisions = args.precisions or default_precisions()
-    rows = []
+    rows, profiled = [], profile_precision()
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         for setting in args.settings:
-            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds, precisions, args.modes, profile_precision()).result()
+            rows += pool.submit(bench_setting, setting, BENCH_SETTINGS[setting], args.strategies, args.rounds, precisions, args.modes, profiled).result()
     report = {
         **run_header("bench_compile.py", argv),
         "rounds": args.rounds,
         "precisions": precisions,
         "modes": args.modes,
-        "profile_precision": profile_precision(),
+        "profile_precision": profiled,
         "matmul_peak_gflops_per_s": precision_peaks(),
-        "targets": ratios(rows, profile_precision()),
+        "targets": ratios(rows, profiled),
         "rows": rows,
     }
     return write_report(out / "compile", report, markdown(report))

@@ -20,6 +20,12 @@ from lit_mpdit.errors import ConfigError, check_choice, check_range
 
 COMPILE_MODES = tuple(torch._inductor.list_mode_options())  # torch.compile's modes: default, max-autotune, …
 
+
+def compile_mode(compile: bool | str) -> str | None:
+    """The torch.compile mode of a `compile` option (`true` = `default`); None = eager."""
+    return None if compile is False else "default" if compile is True else compile
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite: the run is stopped rather than trained on garbage."""
 
@@ -135,8 +141,8 @@ class DiffusionModule(L.LightningModule):
         # Only the training pass is compiled: evaluation runs the network in eval mode without gradients, at
         # other batch sizes, each of which would compile a graph of its own for a few hundred passes.
         # Kept outside the module's registry, so parameter names, checkpoints and EMA copies are the eager net's.
-        mode = None if compile in (True, "default") else compile
-        self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False, mode=mode) if compile else None
+        mode = compile_mode(compile)
+        self.__dict__["_compiled_net"] = torch.compile(self.net, dynamic=False, mode=mode) if mode else None
 
     @property
     def null_class(self) -> int:

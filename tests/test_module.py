@@ -163,7 +163,7 @@ def test_periodic_fid_can_leave_the_last_step_to_a_final_evaluation(tmp_path, al
     assert list(pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["val/fid"]).step) == [2]
 
 
-@pytest.mark.parametrize(("compile", "mode"), [(True, None), ("default", None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), (False, "eager")])
+@pytest.mark.parametrize(("compile", "mode"), [(True, "default"), ("default", "default"), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), (False, "eager")])
 def test_model_compile_takes_true_or_a_torch_compile_mode(monkeypatch, compile, mode):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda net, **kwargs: seen.append(kwargs) or net)
