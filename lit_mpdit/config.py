@@ -170,25 +170,62 @@ def _grid_value(name: str, variant: dict[str, object]) -> str:
 GRID_MP_VALUES: tuple[str, ...] = (*LADDER, *dict.fromkeys(_grid_value(n, v) for n, v in PAPER_VARIANTS.items()))
 
 
-def grid_design(conditioning: str, mp: str) -> dict[str, str]:
+def model_design(
+    variant: str | None, conditioning: str | None, mp: str | None, norm: str | None, flags: dict | None
+) -> dict[str, object]:
+    """build_dit's design arguments from a paper variant and explicit options; an explicit option that
+    contradicts the variant is refused, not dropped."""
+    named = {k: v for k, v in dict(conditioning=conditioning, mp=mp, norm=norm).items() if v is not None}
+    explicit = {k: v for k, v in dict(flags or {}, **named).items() if v is not None}
+    design = {"conditioning": "adaln", "mp": "A"} if variant is None else paper_variant(variant)
+    for key, value in explicit.items():
+        if variant is not None and key in design and design[key] != value:
+            option = key if key in ("conditioning", "mp", "norm") else f"flags.{key}"
+            raise ConfigError(
+                f"model.{option}: {value!r} contradicts model.variant {variant!r}, which sets {design[key]!r}; drop one of them"
+            )
+    design |= explicit
+    conditioning, mp = design.pop("conditioning"), design.pop("mp")
+    return {"conditioning": conditioning, "mp": resolve_mp(mp, **design)}
+
+
+def split_overrides(mp: str) -> tuple[str, dict[str, object]]:
+    """A grid rung with single design flags changed: 'E~norm=rmsnorm~mp_residual=false' → ('E', {'norm': 'rmsnorm',
+    'mp_residual': False}). Values read as YAML scalars (true/false, integers, names)."""
+    base, *parts = mp.split("~")
+    fields = {f.name: f for f in dataclasses.fields(MPFlags)}
+    flags: dict[str, object] = {}
+    for part in parts:
+        name, eq, text = part.partition("=")
+        if name not in fields or not eq:
+            raise ConfigError(f"grid mp: {part!r} in {mp!r} is not <flag>=<value>; flags: {', '.join(fields)}")
+        value = {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+        if isinstance(fields[name].default, bool) != isinstance(value, bool):
+            raise ConfigError(f"grid mp: {name} in {mp!r} takes {type(fields[name].default).__name__}, got {text!r}")
+        flags[name] = value
+    return base, flags
+
+
+def grid_design(conditioning: str, mp: str) -> dict[str, object]:
     """The model of a grid cell: a rung of the ladder with a strategy, or the paper's branch that builds that
-    strategy (mp `old-mod_opts` with any of its five, `final` with rotation+mpshift, `morph/A`, `morph/E`)."""
-    check_choice("grid mp", mp, GRID_MP_VALUES)
-    if mp in LADDER:
-        return {"conditioning": conditioning, "mp": mp}
-    name = next(n for n in (f"{mp}/{conditioning}", mp) if n in PAPER_VARIANTS)
-    if PAPER_VARIANTS[name]["conditioning"] != conditioning:
-        builds = sorted(str(v["conditioning"]) for n, v in PAPER_VARIANTS.items() if _grid_value(n, v) == mp)
-        raise ConfigError(f"grid conditioning: {mp} does not build {conditioning!r}; allowed: {', '.join(builds)}")
-    return {"variant": name}
+    strategy (mp `old-mod_opts` with any of its five, `final` with rotation+mpshift, `morph/A`, `morph/E`), either
+    with single flags changed after a '~' (`E~gate=scalar`: rung E with closed gates)."""
+    base, flags = split_overrides(mp)
+    check_choice("grid mp", base, GRID_MP_VALUES)
+    if base in LADDER:
+        design: dict[str, object] = {"conditioning": conditioning, "mp": base}
+    else:
+        name = next(n for n in (f"{base}/{conditioning}", base) if n in PAPER_VARIANTS)
+        if PAPER_VARIANTS[name]["conditioning"] != conditioning:
+            builds = sorted(str(v["conditioning"]) for n, v in PAPER_VARIANTS.items() if _grid_value(n, v) == base)
+            raise ConfigError(f"grid conditioning: {base} does not build {conditioning!r}; allowed: {', '.join(builds)}")
+        design = {"variant": name}
+    if flags:
+        design["flags"] = flags
+    return design
 
 
 def grid_flags(conditioning: str, mp: str) -> MPFlags:
-    """The design flags of a grid cell's model (its family chooses the optimizer preset)."""
+    """The design flags of a grid cell's model (its family chooses the optimizer preset); a bad override is refused."""
     design = grid_design(conditioning, mp)
-    if "variant" not in design:
-        return resolve_mp(mp)
-    kwargs = paper_variant(design["variant"])
-    rung = kwargs.pop("mp")
-    kwargs.pop("conditioning")
-    return resolve_mp(rung, **kwargs)
+    return model_design(design.get("variant"), design.get("conditioning"), design.get("mp"), None, design.get("flags"))["mp"]

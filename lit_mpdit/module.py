@@ -13,7 +13,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
-from lit_mpdit.config import paper_variant, resolve_mp
+from lit_mpdit.config import model_design, paper_variant
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
 from lit_mpdit.dit import DiT, build_dit
 from lit_mpdit.errors import ConfigError, check_choice, check_range
@@ -62,24 +62,6 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int | None) -> float:
     ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     decay = 1.0 / math.sqrt(max(step / decay_steps, 1.0)) if decay_steps else 1.0
     return ramp * decay
-
-
-def model_design(
-    variant: str | None, conditioning: str | None, mp: str | None, norm: str | None, flags: dict | None
-) -> dict[str, object]:
-    """build_dit's design arguments from a paper variant and explicit options; an explicit option that
-    contradicts the variant is refused, not dropped."""
-    explicit = {k: v for k, v in dict(flags or {}, conditioning=conditioning, mp=mp, norm=norm).items() if v is not None}
-    design = {"conditioning": "adaln", "mp": "A"} if variant is None else paper_variant(variant)
-    for key, value in explicit.items():
-        if variant is not None and key in design and design[key] != value:
-            option = key if key in ("conditioning", "mp", "norm") else f"flags.{key}"
-            raise ConfigError(
-                f"model.{option}: {value!r} contradicts model.variant {variant!r}, which sets {design[key]!r}; drop one of them"
-            )
-    design |= explicit
-    conditioning, mp = design.pop("conditioning"), design.pop("mp")
-    return {"conditioning": conditioning, "mp": resolve_mp(mp, **design)}
 
 
 class DiffusionModule(L.LightningModule):
