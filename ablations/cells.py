@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Cell:
     conditioning: str
-    mp: str  # a rung A–E, or a branch of the paper's code (lit_mpdit.config.GRID_MP_VALUES)
+    mp: str  # a rung A–E or a branch of the paper's code (lit_mpdit.config.GRID_MP_VALUES), '~flag=value' changes
     seed: int
 
     @property
@@ -37,11 +37,12 @@ class Cell:
         from lit_mpdit.config import GRID_MP_VALUES
 
         head, _, seed = cell_id.rpartition("-s")
+        head, tilde, overrides = head.partition("~")  # 'adaln-E~gate=scalar': rung E with one flag changed
         mp = next((v for v in sorted(GRID_MP_VALUES, key=len, reverse=True) if head.endswith("-" + v.replace("/", "_"))), None)
         if mp is None:  # not a known rung: parsed as written, and refused by the grid's check
             head, _, mp = head.rpartition("-")
-            return cls(head, mp, int(seed))
-        return cls(head[: -len(mp) - 1], mp, int(seed))
+            return cls(head, mp + tilde + overrides, int(seed))
+        return cls(head[: -len(mp) - 1], mp + tilde + overrides, int(seed))
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -99,14 +100,22 @@ def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | 
     return list(dict.fromkeys(claim + [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]))
 
 
+def study_cells(grid: dict[str, Any], name: str, seeds: list[int]) -> list[Cell]:
+    """The cells of one of grid.yaml's `studies` (sets of cells beside the grid), at every seed."""
+    studies = grid.get("studies", {})
+    check_choice("--group", name, studies)
+    study = studies[name]
+    return [Cell(c, mp, seed) for seed in seeds for c in study["conditioning"] for mp in study["mp"]]
+
+
 def validate_grid(cells: list[Cell]) -> None:
     """Refuse a bad grid before any cell trains: every name must build."""
     from lit_mpdit.conditioning import Conditioning
-    from lit_mpdit.config import grid_design
+    from lit_mpdit.config import grid_flags
 
     for cell in cells:
         Conditioning.parse(cell.conditioning)
-        grid_design(cell.conditioning, cell.mp)
+        grid_flags(cell.conditioning, cell.mp)
 
 
 def grid_flags_of(cell_id: str):
@@ -178,6 +187,7 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
             "default_root_dir": str(cell_dir),
             "logger": loggers,
             "enable_progress_bar": sys.stdout.isatty(),  # a bar on a terminal, plain lines in a log
+            "enable_model_summary": False,  # a table per cell in the sweep's log; result.json holds the parameter count
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",

@@ -65,7 +65,7 @@ def write_table(profile_name: str, out: Path) -> pd.DataFrame:
     """lr_table.csv and lr_table.md of the finished cells under `out` (all of them, or so far)."""
     if not any(out.glob("lr*/cells/*/result.json")):
         raise ConfigError(f"--out: no finished learning-rate cell in {out}; allowed: the folder of a search (python -m ablations.lr_search --profile {profile_name})")
-    from ablations.sweep import relocate_artifacts
+    from ablations.artifacts import relocate_artifacts
 
     relocate_artifacts(out)  # a clone's copy of the search: its MLflow runs find their artifacts here
     table = lr_table(out)

@@ -14,6 +14,7 @@ import matplotlib
 
 from ablations.cells import HERE, Cell
 from ablations.claims import t_quantile_975, write_claims
+from ablations.leave_one_out import write_leave_one_out
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -286,6 +287,7 @@ def write_report(study, out: Path, profile: str, baseline: dict[str, str], crash
     results.to_csv(out / "cells.csv", index=False)
     if "fid" in results:
         write_claims(results, out)
+        write_leave_one_out(results, out.parent / profile, out)  # cells with a changed flag, against the profile's grid
     return out
 
 
@@ -333,13 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         print(argv[1])
         return
     out = Path(argv[0] if argv else "results/ablations/cpu")
-    from ablations.sweep import relocate_artifacts
+    from ablations.artifacts import relocate_artifacts
 
     relocate_artifacts(out)  # a clone's copy of a sweep: its MLflow runs find their artifacts here
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
     run = out / "sweep_run.json"
-    crashed = json.loads(run.read_text()).get("crashed") if run.exists() else None
-    print(write_report(None, out, out.name, grid["baseline"], crashed))
+    info = json.loads(run.read_text()) if run.exists() else {}
+    print(write_report(None, out, info.get("profile", out.name), grid["baseline"], info.get("crashed")))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,34 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ablations.cells import HERE, Cell, buildable, check_data, grid_cells, load_profile, load_yaml, precisions_of, run_cell, validate_grid, write_json
+from ablations.artifacts import local_store, relocate_artifacts
+from ablations.cells import (
+    HERE,
+    Cell,
+    buildable,
+    check_data,
+    grid_cells,
+    load_profile,
+    load_yaml,
+    precisions_of,
+    run_cell,
+    study_cells,
+    validate_grid,
+    write_json,
+)
 from lit_mpdit.errors import ConfigError, check_choice, check_writable
 from lit_mpdit.runtime import keep_freed_memory
 
@@ -48,6 +65,43 @@ def exclusive(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Loggers whose information a sweep's log leaves out: errors and warnings still show.
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",  # GPU and TPU available, the litlogger tip, `Trainer.fit` stopped, AMP used
+    "mlflow.store.db.utils",  # the store's tables created or upgraded
+    "mlflow.system_metrics",  # the system-metrics monitor started and stopped
+    "optuna",  # a study created, each trial finished (the cell's [sweep] line gives its FID); a failed trial warns
+)
+
+
+@contextmanager
+def quiet_log() -> Iterator[None]:
+    """The sweep's output without the libraries' known, harmless lines: one line per cell start and end, and the
+    grid's progress (issue 27: each cell printed a dozen more). Errors, and warnings not named here, still show."""
+    from optuna.exceptions import ExperimentalWarning
+
+    harmless = (
+        # Optuna's heartbeats (a killed worker's cell queued again: `storage_for`), experimental since v2.8 and v2.9
+        (ExperimentalWarning, r"RetryHeartbeatStaleTrialCallback is experimental"),
+        (ExperimentalWarning, r"Argument ``heartbeat_interval`` is an experimental feature"),
+        (ExperimentalWarning, r"optuna\.storages\._heartbeat\.fail_stale_trials is experimental"),
+        # Lightning's pytree helper builds torch's deprecated LeafSpec (torch 2.13, every fit)
+        (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    )
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for category, message in harmless:
+            warnings.filterwarnings("ignore", message, category)
+        for logger in loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def storage_for(url: str):
@@ -115,9 +169,10 @@ def make_objective(profile, out: Path, tracking_uri: str, tpe_space: dict | None
             low, high = tpe_space[grid_flags(cell.conditioning, cell.mp).family]
             lr = trial.suggest_float("lr", low, high, log=True)
         mlflow.set_tag("mlflow.runName", cell.id if lr is None else f"{cell.id}-lr{lr:.2e}")
-        # cell_seed, not seed: Lightning logs the data module's `seed` (its validation split and data order, the
-        # same for every cell) into this run too, and MLflow refuses a param logged twice with two values
-        mlflow.log_params({"cell": cell.id, "conditioning": cell.conditioning, "mp": cell.mp, "cell_seed": cell.seed, "trial": trial.number})
+        # cell_*, not seed, mp, conditioning: Lightning logs the module's and data module's hyper-parameters into this
+        # run too (the data's `seed`, the same for every cell; a variant cell's mp None; a changed flag's rung), and
+        # MLflow refuses a param logged twice with two values
+        mlflow.log_params({"cell": cell.id, "cell_conditioning": cell.conditioning, "cell_mp": cell.mp, "cell_seed": cell.seed, "trial": trial.number})
         if lr is not None:
             mlflow.log_param("lr", lr)
         cell_dir = out / "cells" / (cell.id if tpe_space is None else f"{cell.id}-t{trial.number}")
@@ -180,17 +235,51 @@ def cell_states(study) -> dict[str, set[str]]:
     return states
 
 
-def progress_line(done: int, total: int, running: int, done_here: int, started: float) -> str:
-    """'[grid] 5/21 cells finished (2 this run), 1 running, 31.2 min elapsed, ETA 98 min': the ETA from the
-    pace of the cells this invocation finished (none yet: unknown)."""
+def progress_line(done: int, total: int, running: int, done_here: int, started: float, walls: list[float], committed: float | None = None) -> str:
+    """'[grid] 5/21 cells finished (2 this run), 1 running, 31.2 min elapsed, ETA 98 min'.
+
+    The ETA counts each cell left at the median wall time of the cells this run finished (`walls`, in the order
+    they were started), leaving out the run's first cell once there is another: the first pays once for
+    torch.compile's first compile and the FID reference features (the cpu grid's first cell took 864 s, the others
+    375-484 s). Until there is another, the committed run's median (`committed`) stands in, marked "~"; without
+    it, the first cell's time; with neither, the ETA is unknown. The cells left are shared by the workers, this one
+    and one per running cell. Under ten minutes it is given to a tenth of a minute."""
     elapsed = (time.time() - started) / 60
-    eta = f"ETA {elapsed / done_here * (total - done):.0f} min" if done_here and done < total else "ETA unknown" if done < total else "done"
-    return f"[grid] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed, {eta}"
+    head = f"[grid] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed"
+    if done == total:
+        return f"{head}, done"
+    if len(walls) > 1:
+        pace, mark, source = statistics.median(walls[1:]), "", ""
+    elif committed:
+        pace, mark, source = committed, "~", " (committed run's pace)"
+    elif walls:
+        pace, mark, source = walls[0], "", ""
+    else:
+        return f"{head}, ETA unknown"
+    minutes = (total - done) * pace / (running + 1) / 60
+    return f"{head}, ETA {mark}{minutes:.{1 if minutes < 10 else 0}f} min{source}"
 
 
-def run_grid(study, objective, cells: list[str], started: float | None = None) -> None:
+def cell_walls(study, first_trial: int) -> list[float]:
+    """The wall times (result.json's `wall_s`) of the cells completed by this run's trials (number `first_trial` on,
+    on any worker), in the order they started; a resumed cell's, which covers only its last part, left out."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t.user_attrs["wall_s"] for t in trials if t.number >= first_trial and "wall_s" in t.user_attrs and not t.user_attrs.get("resumed_from_step")]
+
+
+def committed_pace(profile: str) -> float | None:
+    """The median wall time of the cells of the committed run of `profile` (results/ablations/<profile>), if any."""
+    walls = [json.loads(p.read_text()).get("wall_s") for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
+    walls = [w for w in walls if w is not None]
+    return statistics.median(walls) if walls else None
+
+
+def run_grid(study, objective, cells: list[str], started: float | None = None, committed: float | None = None) -> None:
     """Run grid points in the order of `cells` until every cell is finished, here or by other workers on the same
-    storage, printing one progress line (cells finished, elapsed time, ETA) per cell.
+    storage, printing one progress line (cells finished, elapsed time, ETA) per cell; `committed`: the committed
+    run's wall time per cell (`progress_line`).
 
     Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
     found stale by the heartbeat) are queued again; cells running elsewhere are waited for.
@@ -198,6 +287,7 @@ def run_grid(study, objective, cells: list[str], started: float | None = None) -
     import optuna
 
     started = time.time() if started is None else started
+    first_trial = len(study.get_trials(deepcopy=False))
     finished_before = None
     while True:
         optuna.storages.fail_stale_trials(study)
@@ -205,7 +295,8 @@ def run_grid(study, objective, cells: list[str], started: float | None = None) -
         todo = [c for c in cells if c not in states["finished"]]
         done = len(cells) - len(todo)
         finished_before = done if finished_before is None else finished_before
-        print(progress_line(done, len(cells), len(states["running"]), done - finished_before, started), flush=True)
+        walls = cell_walls(study, first_trial)
+        print(progress_line(done, len(cells), len(states["running"]), done - finished_before, started, walls, committed), flush=True)
         if not todo:
             return
         idle = [c for c in todo if c not in states["running"] | states["queued"]]
@@ -276,6 +367,7 @@ def check_stores(storage_url: str | None, tracking_uri: str | None) -> None:
             check_database(tracking_uri, "--tracking-uri")
 
 
+@quiet_log()
 def sweep(
     profile_name: str,
     out: Path,
@@ -285,6 +377,7 @@ def sweep(
     n_trials: int | None,
     cells_filter: list[str] | None,
     lr: float | None = None,  # every cell's learning rate, in place of the profile's (a learning-rate grid)
+    group: str | None = None,  # a study of grid.yaml (`studies`) in place of the grid
 ) -> Path:
     import mlflow
     import optuna
@@ -297,7 +390,8 @@ def sweep(
         raise ConfigError(f"--lr: a positive learning rate for --mode grid, got {lr} with --mode {mode}")
     if n_trials is not None and (mode != "tpe" or n_trials < 1):
         raise ConfigError(f"--n-trials: a positive number of trials for --mode tpe, got {n_trials} with --mode {mode}")
-    cells = grid_cells(load_yaml(HERE / "grid.yaml"), profile["seeds"], profile.get("claim_seeds"))
+    grid = load_yaml(HERE / "grid.yaml")
+    cells = grid_cells(grid, profile["seeds"], profile.get("claim_seeds")) if group is None else study_cells(grid, group, profile["seeds"])
     if cells_filter:  # the grid's cells, or any other cell whose model builds (e.g. a branch of the paper's code)
         grid_ids = {c.id for c in cells}
         unknown = sorted(c for c in set(cells_filter) - grid_ids if not buildable(c))
@@ -333,7 +427,7 @@ def sweep(
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
         if mode == "grid":
-            run_grid(study, objective, ids, started)
+            run_grid(study, objective, ids, started, committed_pace(profile_name))
         else:
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         crashed = crashed_cells(study)
@@ -343,35 +437,6 @@ def sweep(
             if path.suffix in (".csv", ".md", ".tex", ".png", ".json"):
                 mlflow.log_artifact(str(path), "report")
     return report_dir
-
-
-def relocate_artifacts(folder: Path) -> None:
-    """Point the MLflow store folder/mlflow.db at folder/mlartifacts/, the artifacts beside it.
-
-    MLflow records artifact locations as absolute file URIs of the machine that ran the sweep; a clone or a
-    copy of the folder elsewhere would list the runs without their grids, tables and plots. Every location
-    under a folder named mlartifacts is rewritten to this folder's (a no-op where they already agree).
-    """
-    import sqlite3
-
-    db = folder / "mlflow.db"
-    if not db.exists():
-        return
-    here = (folder / "mlartifacts").resolve().as_uri()
-    with closing(sqlite3.connect(db)) as con, con:
-        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
-            for rowid, uri in con.execute(f"SELECT rowid, {column} FROM {table}").fetchall():
-                if uri and "/mlartifacts" in uri and not uri.startswith(here):
-                    rest = uri[uri.index("/mlartifacts") + len("/mlartifacts") :]
-                    con.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?", (here + rest, rowid))
-
-
-def local_store(tracking_uri: str) -> Path | None:
-    """The folder of a tracking URI that is a SQLite file named mlflow.db (its artifacts go beside it), else None."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or not tracking_uri.endswith("/mlflow.db"):
-        return None
-    return Path(tracking_uri[len(prefix) :]).parent
 
 
 def open_stores(out: Path, study_name: str, storage_url: str, tracking_uri: str, sampler, cells: list[str], precisions: dict[str, str] | None = None):
@@ -441,16 +506,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-trials", type=int, default=None, help="trials of a tpe search")
     p.add_argument("--cells", default=None, help="comma-separated cell ids to run (default: all)")
     p.add_argument("--lr", type=float, default=None, help="every cell's peak learning rate (default: the profile's per family)")
+    p.add_argument("--group", default=None, help="a study of grid.yaml (e.g. leave_one_out) instead of the grid; --out defaults to results/ablations/<group>")
     p.add_argument("--compare", default=None, help="a committed run of the same grid: end with a reproduction report against it")
     args = p.parse_args(argv)
     keep_freed_memory()
     try:
         if args.compare and not (Path(args.compare) / "fid_table.csv").exists():
             raise ConfigError(f"--compare: no finished sweep in {args.compare} (it has no fid_table.csv)")
-        out = Path(args.out or f"results/ablations/{args.profile}")
+        out = Path(args.out or f"results/ablations/{args.group or args.profile}")
         cells = args.cells.split(",") if args.cells else None
         tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        report = sweep(args.profile, out, args.storage, tracking_uri, args.mode, args.n_trials, cells, args.lr)
+        report = sweep(args.profile, out, args.storage, tracking_uri, args.mode, args.n_trials, cells, args.lr, args.group)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

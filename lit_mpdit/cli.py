@@ -40,7 +40,14 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             describe_options(parser)
 
         def parse_arguments(self, parser, args):
-            super().parse_arguments(parser, args)
+            # Given `args`, Lightning warns whenever sys.argv holds arguments too, printing them all (a sweep's whole
+            # command line, once per cell); they are the caller's own, never read here: it sees the program name alone.
+            argv = sys.argv
+            sys.argv = argv[:1] if args is not None else argv
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = argv
             # Lightning reads --ckpt_path right after parsing (for its hyperparameters): refuse a bad file first.
             command = self.config.get("subcommand")
             ckpt = self.config[command].get("ckpt_path") if command else None
@@ -335,7 +342,6 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import ArgumentError
 
-    from_command_line = argv is None  # then LightningCLI reads sys.argv itself (given both, it warns)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] in own:
             own[argv[0]](argv[1:])
         else:
-            lightning_cli(None if from_command_line else argv)
+            lightning_cli(argv)
     except ArgumentError as e:  # jsonargparse's parse errors, one line instead of the usage
         message = " ".join(str(e).split())
         print(f"error: {message} (see {PROG} {argv[0]} --help)", file=sys.stderr)

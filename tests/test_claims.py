@@ -131,3 +131,23 @@ def test_the_committed_fp32_pair_is_judged_as_the_code_judges_it_and_the_readme_
     for row in reproduction(tmp_path, root / "cpu").itertuples():
         quoted = f"| {row.conditioning} / {row.mp} | {row.fid:.2f} [" in readme and f"{row.fid_committed:.2f} [{row.committed_low:.2f}, {row.committed_high:.2f}]" in readme
         assert quoted and row.within_committed_spread, row
+
+
+def test_leave_one_out_reads_each_change_against_rung_es_prediction_interval(tmp_path):
+    from ablations.leave_one_out import leave_one_out, write_leave_one_out
+
+    reference = results({("adaln", "A"): [58, 60, 62], ("adaln", "E"): [80, 84, 88]})
+    changed = results({("adaln", "E~gate=scalar"): [60], ("adaln", "E~norm=rmsnorm"): [85], ("adaln", "E~gains=per_block"): [120]})
+    table = leave_one_out(changed, reference).set_index("change")
+    # rung E: mean 84, s 4, n 3; one fresh seed: 84 ± t(2)·4·√(1/3 + 1) = 84 ± 19.87
+    assert table.loc["gate=scalar", "base_low"] == pytest.approx(84 - 4.302653 * 4 * math.sqrt(4 / 3), rel=1e-5)
+    assert table.effect.to_dict() == {"gate=scalar": "helps", "norm=rmsnorm": "within rung E's spread", "gains=per_block": "hurts"}
+    assert table.loc["gate=scalar", "gap_share_pct"] == pytest.approx(100)  # it closes the whole A–E gap
+    assert table.loc["gains=per_block", "diff_pct"] == pytest.approx(100 * 36 / 84)
+    two = leave_one_out(results({("adaln", "E~gate=scalar"): [70, 71]}), reference)  # k = 2 seeds: a narrower interval
+    assert two.base_high.iloc[0] == pytest.approx(84 + 4.302653 * 4 * math.sqrt(1 / 3 + 1 / 2), rel=1e-5)
+    (tmp_path / "cpu").mkdir()
+    reference.to_csv(tmp_path / "cpu" / "cells.csv", index=False)
+    assert write_leave_one_out(changed, tmp_path / "cpu", tmp_path) is not None
+    assert "gate=scalar" in (tmp_path / "leave_one_out.md").read_text()
+    assert write_leave_one_out(reference, tmp_path / "cpu", tmp_path / "cpu") is None  # no changed cell: no table

@@ -1,5 +1,6 @@
-"""Imports: no import cycle runs through the data package, and its names resolve where configs, checkpoints and callers
-name them (`lit_mpdit.data.FashionMNISTDataModule` and every other name of `lit_mpdit.data.__all__`).
+"""Imports: no import cycle among the modules of lit_mpdit and ablations, and the data package's names resolve
+where configs, checkpoints and callers name them (`lit_mpdit.data.FashionMNISTDataModule` and every other name
+of `lit_mpdit.data.__all__`).
 
 The import graph is read from the source with `ast`, not by importing: every `import` and `from ... import`
 counts, at module level or inside a function (a function-level import still closes a cycle when it runs).
@@ -16,10 +17,12 @@ import lightning as L
 import pytest
 from jsonargparse import ArgumentParser
 
+import ablations
 import lit_mpdit
 import lit_mpdit.data
 
 DATA = "lit_mpdit.data"
+PACKAGES = (lit_mpdit, ablations)  # the library and the sweep driver: a cycle within either, or between them, fails
 
 # The public names of lit_mpdit/data.py before it became a package: each must still be importable from it.
 FORMER_NAMES = [
@@ -41,18 +44,20 @@ CLASSES = [
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The import graph of the lit_mpdit package
+# The import graph of the lit_mpdit and ablations packages
 
 
 def package_modules() -> dict[str, Path]:
-    """Every module of the lit_mpdit package → its source file."""
+    """Every module of the `PACKAGES` → its source file."""
 
     def fail(name: str) -> None:
         raise ImportError(f"cannot import package {name} to list its modules")
 
-    modules = {"lit_mpdit": Path(lit_mpdit.__file__)}
-    for info in pkgutil.walk_packages(lit_mpdit.__path__, "lit_mpdit.", onerror=fail):
-        modules[info.name] = Path(info.module_finder.find_spec(info.name).origin)
+    modules = {}
+    for package in PACKAGES:
+        modules[package.__name__] = Path(package.__file__)
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.", onerror=fail):
+            modules[info.name] = Path(info.module_finder.find_spec(info.name).origin)
     return modules
 
 
@@ -61,7 +66,7 @@ def in_package(module: str, package: str) -> bool:
 
 
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
-    """The lit_mpdit modules that `name` (source `path`) imports, from anywhere in its source.
+    """The modules of `known` that `name` (source `path`) imports, from anywhere in its source.
 
     `from P import n` imports module P.n when there is one, else P. Importing a module also runs its parent
     packages' `__init__`, so they count too, except those `name` itself belongs to (already imported before it).
@@ -165,11 +170,14 @@ def test_the_graph_sees_the_package():
     assert f"{DATA}.base" in graph[f"{DATA}.fashion_mnist"]  # a module-level import
     assert DATA in graph["lit_mpdit.evaluate"]  # a function-level import
     assert DATA not in graph[f"{DATA}.base"]  # a submodule does not depend on its own package's __init__
+    assert {"ablations.cells", "ablations.report"} <= graph["ablations.sweep"]  # the report: a function-level import
+    assert "ablations.artifacts" in graph["ablations.report"]  # once from ablations.sweep, which closed a cycle (issue 27)
 
 
-def test_no_import_cycle_in_lit_mpdit():
+def test_no_import_cycle_in_lit_mpdit_or_ablations():
     # Lower layers (network, diffusion, data, metrics, EMA, evaluation) never import the command line or the
-    # callbacks: every cycle among lit_mpdit's modules, at module level or inside a function, fails here.
+    # callbacks, and the sweep's parts (cells, reports) never import the driver: every cycle among the modules of
+    # lit_mpdit and ablations, at module level or inside a function, fails here.
     graph = import_graph()
     cycles = [line for group in cyclic_groups(graph) for line in describe(graph, group)]
     assert not cycles, "import cycles:\n" + "\n".join(cycles)

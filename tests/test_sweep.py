@@ -18,6 +18,7 @@ from lit_mpdit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["adaln-A-s0", "rotation+scale-E-s0"]
+LOG_CELLS = ["adaln-A-s0", "adaln-E-s0", "rotation-A-s0"]  # three: an ETA after one cell and after two
 
 
 def test_claim_cells_come_first_at_their_own_seeds_claim_1_before_claim_2_with_paired_seeds():
@@ -463,16 +464,79 @@ def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smok
     assert again["steps"] == first["steps"] and again["fid"] == first["fid"]
 
 
-def test_grid_progress_line_gives_an_eta_from_this_runs_pace():
+def test_grid_progress_line_counts_the_cells_left_at_this_runs_pace_without_its_first_cell():
     import time
 
     from ablations.sweep import progress_line
 
     started = time.time() - 600  # ten minutes ago
-    assert progress_line(5, 21, 1, 0, started).endswith("ETA unknown")
-    line = progress_line(7, 21, 1, 2, started)  # two cells in ten minutes: 14 left take 70
-    assert line.startswith("[grid] 7/21 cells finished (2 this run), 1 running, 10.0 min elapsed") and line.endswith("ETA 70 min")
-    assert progress_line(21, 21, 0, 3, started).endswith("done")
+    assert progress_line(5, 21, 1, 0, started, []).endswith("ETA unknown")
+    line = progress_line(7, 21, 0, 3, started, [864.0, 420.0, 380.0, 400.0])  # the first paid the one-time costs
+    assert line.startswith("[grid] 7/21 cells finished (3 this run), 0 running, 10.0 min elapsed") and line.endswith("ETA 93 min")  # 14 x 400 s
+    assert progress_line(7, 21, 1, 3, started, [864.0, 420.0, 380.0, 400.0]).endswith("ETA 47 min")  # two workers share them
+    # until a second cell has finished: the committed run's pace, or the first cell's
+    assert progress_line(1, 21, 0, 1, started, [864.0], committed=420.0).endswith("ETA ~140 min (committed run's pace)")
+    assert progress_line(0, 21, 0, 0, started, [], committed=420.0).endswith("ETA ~147 min (committed run's pace)")
+    assert progress_line(1, 21, 0, 1, started, [864.0]).endswith("ETA 288 min")
+    assert progress_line(1, 3, 0, 1, started, [20.0]).endswith("ETA 0.7 min")  # a tenth of a minute under ten
+    assert progress_line(21, 21, 0, 3, started, [864.0]).endswith("done")
+
+
+def test_the_sweeps_log_leaves_out_known_lines_and_keeps_genuine_warnings():
+    import logging
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    from ablations.sweep import QUIET_LOGGERS, quiet_log
+
+    before = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_log():
+            warnings.warn("Argument ``heartbeat_interval`` is an experimental feature. The interface can change.", ExperimentalWarning)
+            warnings.warn("Argument ``other`` is an experimental feature.", ExperimentalWarning)
+            warnings.warn("a genuine one", UserWarning)
+            assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+            assert logging.getLogger("optuna").isEnabledFor(logging.WARNING)  # a failed trial's message
+    assert [str(w.message) for w in seen] == ["Argument ``other`` is an experimental feature.", "a genuine one"]
+    assert {name: logging.getLogger(name).level for name in QUIET_LOGGERS} == before
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep_log(tmp_path_factory):
+    """A smoke sweep of three cells from the command line, its output as a log file has it (not a terminal). A
+    fresh FID cache: its first cell pays for the reference features, as a fresh grid's does."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("smoke_log")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"LIT_MPDIT_CACHE": str(tmp / "cache")}
+    command = [sys.executable, "-m", "ablations.sweep", "--profile", "smoke", "--cells", ",".join(LOG_CELLS), "--out", str(tmp / "out")]
+    run = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
+    assert run.returncode == 0, run.stdout[-3000:]
+    return run.stdout
+
+
+def test_a_sweeps_log_holds_its_cells_start_and_end_and_the_progress_only(smoke_sweep_log):
+    lines = smoke_sweep_log.splitlines()
+    assert not [line for line in lines if "warn" in line.lower()]
+    assert "LightningCLI's args parameter" not in smoke_sweep_log
+    assert [line for line in lines if not line.startswith(("[grid] ", "[sweep] "))] == []  # no banners, tables, info
+    assert len(lines) == 3 * len(LOG_CELLS) + 2  # per cell its start, its end and the progress; the first progress, the tables
+
+
+def test_the_eta_after_the_first_cell_is_within_a_factor_1_5_of_the_time_left(smoke_sweep_log):
+    import re
+
+    grid = r"^\[grid\] (\d+)/\d+ cells finished .*, ([\d.]+) min elapsed, (?:ETA ~?([\d.]+) min.*|ETA unknown|done)$"
+    progress = re.findall(grid, smoke_sweep_log, re.M)
+    elapsed = {int(done): float(minutes) for done, minutes, _ in progress}
+    eta = {int(done): float(minutes) for done, _, minutes in progress if minutes}
+    assert sorted(elapsed) == list(range(len(LOG_CELLS) + 1)) and set(range(1, len(LOG_CELLS))) <= set(eta)
+    for done in range(1, len(LOG_CELLS)):  # the first cell paid for the reference features; the ETA after it counts them once
+        left = elapsed[len(LOG_CELLS)] - elapsed[done]
+        assert left / 1.5 <= eta[done] <= 1.5 * left, f"after {done} cells: ETA {eta[done]} min, {left:.1f} min left"
 
 
 @pytest.mark.parametrize("native", [True, False])
