@@ -238,22 +238,20 @@ def cell_states(study) -> dict[str, set[str]]:
 def progress_line(done: int, total: int, running: int, done_here: int, started: float, walls: list[float], committed: float | None = None) -> str:
     """'[grid] 5/21 cells finished (2 this run), 1 running, 31.2 min elapsed, ETA 98 min'.
 
-    The ETA counts each cell left at the median wall time of the cells this run finished (`walls`, in the order
-    they were started), leaving out the run's first cell once there is another: the first pays once for
-    torch.compile's first compile and the FID reference features (the cpu grid's first cell took 864 s, the others
-    375-484 s). Until there is another, the committed run's median (`committed`) stands in, marked "~"; without
-    it, the first cell's time; with neither, the ETA is unknown. The cells left are shared by the workers, this one
-    and one per running cell. Under ten minutes it is given to a tenth of a minute."""
+    The ETA counts each cell left at the median time of the cells this run finished (`walls`: each one's wall
+    time less what it paid once for the machine or the process, `cell_walls`): the cpu grid's first cell took
+    864 s where the others took 375-484 s, for torch.compile's first compile and the FID reference features.
+    Until a cell has finished, the committed run's median (`committed`) stands in, marked "~"; without it the ETA
+    is unknown. The cells left are shared by the workers, this one and one per running cell. Under ten minutes
+    it is given to a tenth of a minute."""
     elapsed = (time.time() - started) / 60
     head = f"[grid] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed"
     if done == total:
         return f"{head}, done"
-    if len(walls) > 1:
-        pace, mark, source = statistics.median(walls[1:]), "", ""
+    if walls:
+        pace, mark, source = statistics.median(walls), "", ""
     elif committed:
         pace, mark, source = committed, "~", " (committed run's pace)"
-    elif walls:
-        pace, mark, source = walls[0], "", ""
     else:
         return f"{head}, ETA unknown"
     minutes = (total - done) * pace / (running + 1) / 60
@@ -261,18 +259,25 @@ def progress_line(done: int, total: int, running: int, done_here: int, started: 
 
 
 def cell_walls(study, first_trial: int) -> list[float]:
-    """The wall times (result.json's `wall_s`) of the cells completed by this run's trials (number `first_trial` on,
-    on any worker), in the order they started; a resumed cell's, which covers only its last part, left out."""
+    """What each cell completed by this run's trials (number `first_trial` on, on any worker) took that the next
+    cell will take again: result.json's `wall_s` less its `one_time_s` (the reference features on a cache miss,
+    the steps' excess over the measured pace while torch.compile first compiles); a resumed cell's, which covers
+    only its last part, left out."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t.user_attrs["wall_s"] for t in trials if t.number >= first_trial and "wall_s" in t.user_attrs and not t.user_attrs.get("resumed_from_step")]
+    return [
+        t.user_attrs["wall_s"] - t.user_attrs.get("one_time_s", 0.0)
+        for t in trials
+        if t.number >= first_trial and "wall_s" in t.user_attrs and not t.user_attrs.get("resumed_from_step")
+    ]
 
 
 def committed_pace(profile: str) -> float | None:
-    """The median wall time of the cells of the committed run of `profile` (results/ablations/<profile>), if any."""
-    walls = [json.loads(p.read_text()).get("wall_s") for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
-    walls = [w for w in walls if w is not None]
+    """The median time per cell of the committed run of `profile` (results/ablations/<profile>), if any, with
+    one-time costs left out as `cell_walls` does (where recorded)."""
+    records = [json.loads(p.read_text()) for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
+    walls = [r["wall_s"] - r.get("one_time_s", 0.0) for r in records if r.get("wall_s") is not None]
     return statistics.median(walls) if walls else None
 
 

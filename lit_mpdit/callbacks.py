@@ -76,7 +76,9 @@ class Throughput(L.Callback):
     def __init__(self, skip_steps: int = 2):  # the first steps warm up allocators and kernels
         self.skip_steps = skip_steps
         self.images = 0
+        self.steps = 0
         self.seconds = 0.0
+        self.warmup_seconds = 0.0  # the skipped steps' (with torch.compile: its first compile)
         self._start: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -86,7 +88,17 @@ class Throughput(L.Callback):
         if self._start is not None and trainer.global_step > self.skip_steps:
             self.seconds += time.perf_counter() - self._start
             self.images += len(batch[0]) * trainer.world_size
+            self.steps += 1
+        elif self._start is not None:
+            self.warmup_seconds += time.perf_counter() - self._start
         self._start = None
+
+    @property
+    def warmup_excess(self) -> float:
+        """What the skipped steps took beyond steps at the measured pace: a first compile, first allocations."""
+        if not self.steps:
+            return 0.0
+        return max(0.0, self.warmup_seconds - self.skip_steps * self.seconds / self.steps)
 
     @property
     def images_per_second(self) -> float | None:
@@ -201,6 +213,7 @@ class PeriodicFID(L.Callback):
         self.every_n_steps = every_n_steps
         self.skip_last = skip_last
         self.seconds = 0.0  # spent measuring, in this process
+        self.reference_seconds = 0.0  # of which reading (once per cache: computing) the reference features
         self.protocol = Protocol(n_fake, n_ref, reference_split, steps, sampler, guidance, weights, None, seed, precision, bootstrap, sample_precision, compile)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -220,3 +233,4 @@ class PeriodicFID(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.seconds += result["seconds"]["total"]
+        self.reference_seconds += result["seconds"]["reference"]

@@ -464,22 +464,45 @@ def test_a_cell_killed_during_evaluation_is_evaluated_again_to_the_same_fid(smok
     assert again["steps"] == first["steps"] and again["fid"] == first["fid"]
 
 
-def test_grid_progress_line_counts_the_cells_left_at_this_runs_pace_without_its_first_cell():
+def test_grid_progress_line_counts_the_cells_left_at_the_median_pace_of_this_runs_cells():
     import time
 
     from ablations.sweep import progress_line
 
     started = time.time() - 600  # ten minutes ago
     assert progress_line(5, 21, 1, 0, started, []).endswith("ETA unknown")
-    line = progress_line(7, 21, 0, 3, started, [864.0, 420.0, 380.0, 400.0])  # the first paid the one-time costs
+    line = progress_line(7, 21, 0, 3, started, [420.0, 380.0, 400.0])
     assert line.startswith("[grid] 7/21 cells finished (3 this run), 0 running, 10.0 min elapsed") and line.endswith("ETA 93 min")  # 14 x 400 s
-    assert progress_line(7, 21, 1, 3, started, [864.0, 420.0, 380.0, 400.0]).endswith("ETA 47 min")  # two workers share them
-    # until a second cell has finished: the committed run's pace, or the first cell's
-    assert progress_line(1, 21, 0, 1, started, [864.0], committed=420.0).endswith("ETA ~140 min (committed run's pace)")
+    assert progress_line(7, 21, 1, 3, started, [420.0, 380.0, 400.0]).endswith("ETA 47 min")  # two workers share them
+    # until a cell has finished: the committed run's pace
     assert progress_line(0, 21, 0, 0, started, [], committed=420.0).endswith("ETA ~147 min (committed run's pace)")
-    assert progress_line(1, 21, 0, 1, started, [864.0]).endswith("ETA 288 min")
+    assert progress_line(1, 21, 0, 1, started, [420.0], committed=300.0).endswith("ETA 140 min")  # a measured cell wins
     assert progress_line(1, 3, 0, 1, started, [20.0]).endswith("ETA 0.7 min")  # a tenth of a minute under ten
     assert progress_line(21, 21, 0, 3, started, [864.0]).endswith("done")
+
+
+def test_a_cells_one_time_costs_are_left_out_of_the_pace_of_the_cells_after_it(tmp_path):
+    import optuna
+
+    from ablations.sweep import cell_walls
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for attrs in ({"wall_s": 50.0}, {"wall_s": 864.0, "one_time_s": 450.0}, {"wall_s": 420.0, "one_time_s": 2.0}, {"wall_s": 90.0, "resumed_from_step": 600}):
+        trial = study.ask()
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, 1.0)
+    assert cell_walls(study, first_trial=1) == [414.0, 418.0]  # an earlier run's trial and a resumed cell left out
+
+
+def test_throughputs_warmup_excess_is_what_the_skipped_steps_took_beyond_the_measured_pace():
+    from lit_mpdit.callbacks import Throughput
+
+    meter = Throughput(skip_steps=2)
+    meter.warmup_seconds, meter.seconds, meter.steps = 30.0, 10.0, 20  # 0.5 s a step; the first two took 30 s
+    assert meter.warmup_excess == 29.0
+    meter.warmup_seconds = 0.5  # faster than the pace: nothing to leave out
+    assert meter.warmup_excess == 0.0
 
 
 def test_the_sweeps_log_leaves_out_known_lines_and_keeps_genuine_warnings():
