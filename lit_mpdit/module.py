@@ -17,6 +17,7 @@ from lit_mpdit.config import model_design, paper_variant
 from lit_mpdit.diffusion import SAMPLERS, GaussianDiffusion
 from lit_mpdit.dit import DiT, build_dit
 from lit_mpdit.errors import ConfigError, check_choice, check_range
+from lit_mpdit.nn.mp import frozen_weights
 
 COMPILE_MODES = tuple(torch._inductor.list_mode_options())  # torch.compile's modes: default, max-autotune, …
 
@@ -295,20 +296,21 @@ class DiffusionModule(L.LightningModule):
         was_training = self.training
         self.eval()
         out = []
-        for y in batches:
-            noise = torch.randn((len(y), h.in_channels, h.input_size, h.input_size), generator=gen, device=self.device)
-            out.append(
-                diffusion.sample(
-                    net,
-                    noise,
-                    y,
-                    sampler=sampler or h.sampler,
-                    guidance=h.guidance if guidance is None else guidance,
-                    null_class=self.null_class,
-                    clip_x0=h.clip_x0,
-                    generator=gen,
+        with frozen_weights(self.net):  # normalized once for every step of every batch
+            for y in batches:
+                noise = torch.randn((len(y), h.in_channels, h.input_size, h.input_size), generator=gen, device=self.device)
+                out.append(
+                    diffusion.sample(
+                        net,
+                        noise,
+                        y,
+                        sampler=sampler or h.sampler,
+                        guidance=h.guidance if guidance is None else guidance,
+                        null_class=self.null_class,
+                        clip_x0=h.clip_x0,
+                        generator=gen,
+                    )
                 )
-            )
         self.train(was_training)
         return torch.cat(out)
 

@@ -109,6 +109,22 @@ def test_sampling_gives_images_in_range_and_is_seeded():
     assert a.min() >= -1 and a.max() <= 1
 
 
+@pytest.mark.parametrize("forced", [True, False])
+def test_sampling_after_weights_are_copied_in_through_data_draws_with_the_new_weights(forced):
+    """Lightning's EMA callback copies the averaged weights in through `.data`, which no version counter sees:
+    the grid a cell drew at the end of its fit with forced weight normalization off was static."""
+    torch.manual_seed(0)
+    model = DiffusionModule(size="T/4", mp="E", sample_steps=4, flags={"forced_weight_norm": forced})
+    other = DiffusionModule(size="T/4", mp="E", sample_steps=4, flags={"forced_weight_norm": forced})
+    for p in other.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))  # weights of another training state (zero-initialised gains too)
+    labels = torch.tensor([0, 1, 2])
+    model.sample(labels)  # its own weights, first
+    for mine, theirs in zip([*model.parameters(), *model.buffers()], [*other.parameters(), *other.buffers()]):
+        mine.data.copy_(theirs.data)  # as WeightAveraging._copy_average_to_current does
+    assert torch.equal(model.sample(labels), other.sample(labels))
+
+
 def test_diagnostics_and_throughput_callbacks_log_every_block():
     data = FashionMNISTSampleDataModule(batch_size=16, val_size=16)
     model = DiffusionModule(size="T/4", mp="E")

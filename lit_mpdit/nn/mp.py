@@ -5,8 +5,9 @@ Functions where there are no weights; modules only where there are.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -152,7 +153,8 @@ class MPLinear(nn.Module):
             else torch.arange(len(gain_segments)).repeat_interleave(torch.tensor(gain_segments), output_size=out_features),
             persistent=False,
         )  # (out,): the gain of every row
-        self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None  # (parameter versions, weight) at evaluation
+        self._frozen: torch.Tensor | None = None  # the effective weight, inside `frozen_weights` only
+        self._freeze = False
 
     def row_gain(self) -> torch.Tensor | None:
         """The gain as a scalar, or one per row (out, 1); None when fixed at 1."""
@@ -169,15 +171,12 @@ class MPLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """gain · normalize(w) / √fan_in: the weight a unit-variance input sees."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self._freeze or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps)  # compiled: fused into the graph
-        # Sampling runs the same weights hundreds of times: normalize once per parameter version.
-        params = [self.weight] if self.gain is None else [self.weight, self.gain]
-        key = tuple(v for p in params for v in (p.data_ptr(), p._version))
-        if self._cached is None or self._cached[0] != key:
+        if self._frozen is None:  # sampling runs the same weights hundreds of times: normalize them once
             with torch.no_grad():
-                self._cached = (key, _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps))
-        return self._cached[1]
+                self._frozen = _ScaledRowNormalize.apply(self.weight, self.row_gain(), self.eps)
+        return self._frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.forced:
@@ -195,6 +194,22 @@ class MPLinear(nn.Module):
     def extra_repr(self) -> str:
         gain = "one" if self.gain is None else "learned" if self.gain.ndim == 0 else f"learned x{self.gain.numel()}"
         return f"{self.in_features}, {self.out_features}, gain={gain}, forced={self.forced}"
+
+
+@contextlib.contextmanager
+def frozen_weights(module: nn.Module) -> Iterator[None]:
+    """Inside, each MPLinear of `module` normalizes its weight once, at its first forward without grad, and keeps
+    it: for sampling, where the weights cannot change. Nothing is kept outside, since weights also change where no
+    version counter sees it (Lightning's EMA swaps them in through `.data`: a cache keyed on the parameter's
+    version drew with stale weights after it)."""
+    layers = [m for m in module.modules() if isinstance(m, MPLinear)]
+    for layer in layers:
+        layer._freeze, layer._frozen = True, None
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._freeze, layer._frozen = False, None
 
 
 class MPFourier(nn.Module):
