@@ -241,7 +241,7 @@ def report(out: Path) -> None:
         lines += [f"{rung}: map-dit `morph` at `{record['commit']}`, lr {record['lr']:g}, {record['steps']} steps of batch "
                   f"{record['batch']}, {record['precision']['train']} training, {record['precision']['sample']} sampling", ""]
     commands = dict.fromkeys([record["command"] for record, _ in runs.values()] + [scored["command"] for _, scored in runs.values()])
-    lines += ["Produced by", "", *(f"    {c}" for c in commands), ""]
+    lines += ["Produced by (from the repository's root)", "", *(f"    {c.replace(f'{ROOT}/', '')}" for c in commands), ""]
     (out / "oracle.md").write_text("\n".join(lines))
 
 
