@@ -91,9 +91,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     # in every run's config.yaml, so Lightning's "Seed set to" line is not printed (it came before any error).
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     one_line = {"exit_on_error": False}
+    from lit_mpdit.trainer import Trainer
+
     return CLI(
         DiffusionModule,
         L.LightningDataModule,
+        trainer_class=Trainer,  # precision: auto
         subclass_mode_data=True,
         args=args,
         run=run,

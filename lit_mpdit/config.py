@@ -10,8 +10,8 @@ from lit_mpdit.errors import ConfigError, check_choice
 # Sizes: (depth, width, heads). Standard DiT sizes plus two small ones for CPUs.
 
 SIZES: dict[str, tuple[int, int, int]] = {
-    "T": (4, 128, 4),  # tiny: tests and the smoke profile
-    "C": (6, 192, 6),  # CPU: the default of configs/fmnist.yaml and the cpu ablation profile
+    "T": (4, 128, 4),  # tiny: tests, the cpu ablation profile and configs/fmnist.yaml
+    "C": (6, 192, 6),  # CPU: the first default of configs/fmnist.yaml
     "XS": (6, 256, 4),
     "S": (12, 384, 6),
     "B": (12, 768, 12),

@@ -146,3 +146,28 @@ def test_bad_inputs_exit_with_one_clear_error_and_leave_results_untouched(tmp_pa
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("error: ") and expected in err.splitlines()[0], err[-3000:]
     assert [p.name for p in results.iterdir()] == ["earlier.json"] and (results / "earlier.json").read_text() == '{"fid": 1.0}'
+
+
+def test_the_default_config_trains_the_recipe_of_a_committed_grid_cell(tmp_path):
+    """`make fit` trains what the cpu grid measured (its adaln-A cell): the two cannot drift apart again."""
+    import yaml
+
+    from lit_mpdit.config import model_design
+
+    proc = run("fit", "--config", CONFIG, "--print_config", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default = yaml.safe_load(proc.stdout)
+    cell = yaml.safe_load((ROOT / "results/ablations/cpu/cells/adaln-A-s0/config.yaml").read_text())
+    design = ("conditioning", "mp", "variant", "norm", "flags")  # unset in the config: the defaults name the same model
+    same = lambda section: {k: v for k, v in section.items() if k not in design}  # noqa: E731
+    assert same(default["model"]) == same(cell["model"])
+    assert model_design(**{k: default["model"][k] for k in design}) == model_design(**{k: cell["model"][k] for k in design})
+    data = ("batch_size", "val_size", "limit_train", "seed")
+    assert default["data"]["class_path"] == cell["data"]["class_path"]
+    assert {k: default["data"]["init_args"][k] for k in data} == {k: cell["data"]["init_args"][k] for k in data}
+    steps = ("max_steps", "val_check_interval", "limit_val_batches", "accumulate_grad_batches", "gradient_clip_val")
+    assert {k: default["trainer"][k] for k in steps} == {k: cell["trainer"][k] for k in steps}
+    assert default["trainer"]["precision"] == AUTO and cell["trainer"]["precision"] in ("bf16-mixed", "32-true")  # the cell: auto, resolved
+    ema = lambda config: next(c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging"))  # noqa: E731
+    assert ema(default) == ema(cell)
+    assert default["seed_everything"] == cell["seed_everything"]
