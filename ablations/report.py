@@ -146,15 +146,16 @@ def plot_curves(out: Path, grid: dict[str, Any], cells: list[str], column: str, 
     for ax, (name, group) in zip(axes[0], groups.items()):
         for cell in cells:
             parsed = cell_of(cell)
-            if parsed.conditioning not in group["conditioning"] or parsed.mp not in group["mp"]:
-                continue
+            if parsed.conditioning not in group["conditioning"] or parsed.mp.split("~")[0] not in group["mp"]:
+                continue  # a study's changed rung ('E~gate=scalar') is drawn where its rung is
             metrics = read_metrics(out, cell)
             if metrics is None or column not in metrics:
                 continue
             series = metrics[["step", column]].dropna()
             ax.plot(series.step, series[column].rolling(smooth, min_periods=1).mean(), label=cell)
         ax.set(title=name, xlabel="step", ylabel=ylabel)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a group with no cell of this run stays an empty panel
+            ax.legend(fontsize=7)
     save(fig, path)
 
 
