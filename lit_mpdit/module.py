@@ -48,9 +48,10 @@ class OptimizerPreset:
 
 
 # The standard DiT recipe (Peebles & Xie 2023), EDM2's optimizer for magnitude-preserving networks with the
-# paper's schedule shape, and the paper's own protocol for every model (map-dit's train.py on every branch:
-# Adam (0.9, 0.99), warm-up over steps/150, inverse-square-root decay from steps/10, gradient norm clipped at
-# 0.1), which lets a grid hold the optimizer fixed across families.
+# paper's schedule shape, and the paper's own protocol for every model (map-dit's train.py: Adam (0.9, 0.99),
+# warm-up over steps/150, inverse-square-root decay from steps/10, gradient norm clipped at 0.1 as on the
+# `final` and `old-mod_opts` branches — `morph`'s train.py does not clip, and `old-mod_opts` gives its linear
+# weights lr 1e-4 and the rest 1e-2), which lets a grid hold the optimizer fixed across families.
 OPTIMIZER_PRESETS: dict[str, OptimizerPreset] = {
     "standard": OptimizerPreset("adamw", 1e-4, (0.9, 0.999), 0.0, Fraction(0), None),
     "mp": OptimizerPreset("adam", 1e-2, (0.9, 0.99), 0.0, Fraction(1, 150), Fraction(1, 10)),
