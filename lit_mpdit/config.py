@@ -70,6 +70,7 @@ class MPFlags:
     gate: str = "scalar"  # scalar g·y (AdaLN-Zero: closed at init); one_plus (1 + g)·y (open); rotation of y by θ(c)
     time_embedding: str = "sinusoidal"  # DiT's sinusoids of t; fourier = MP Fourier of ln(σ_t)/4; fourier_step = of t; table
     time_channels: int = 256  # features fed to the time MLP; 0 = the model width
+    fourier_sqrt2: bool = True  # EDM2's √2 on the Fourier features (unit RMS); off: plain cosines, RMS 0.71 (map-dit's old-mod_opts)
     gains: str = "per_head"  # learned gains of the MP modulation heads: one per head, per block, or one for all
     angle_heads: str = "mp"  # rotation angles from MP rows with a learned gain, or from a plain zero-initialised linear
     output_gain: str = "learned"  # the MP output projection's gain: learned from 0, or fixed at 1 (it starts non-zero)
@@ -118,11 +119,11 @@ def resolve_mp(mp: str | MPFlags, **flags) -> MPFlags:
 # build_dit keyword arguments, exact to the parameter (tests/test_paper_variants.py). Buffers the paper's
 # code fills differently and that hold no parameter are noted where they differ.
 
-_OLD_MOD_OPTS = dict(mp="E", attention_output_norm="none", time_embedding="fourier_step")
+_OLD_MOD_OPTS = dict(mp="E", attention_output_norm="none", time_embedding="fourier_step", fourier_sqrt2=False)
 PAPER_VARIANTS: dict[str, dict[str, object]] = {
     # branch old-mod_opts, src/blocks/dit_block.py: the five strategies as flags on the full MP DiT, every head
-    # its own zero-initialised gain, cosine attention without output normalization. (Its Fourier time features
-    # lack EDM2's √2, RMS 0.71; its positional table is centred and normalized per token.)
+    # its own zero-initialised gain, cosine attention without output normalization, Fourier time features of the
+    # raw step without EDM2's √2 (RMS 0.71). (Its positional table is centred and normalized per token.)
     **{f"old-mod_opts/{name}": dict(conditioning=name, **_OLD_MOD_OPTS) for name in ("adaln", "shift", "scale", "rotation", "rotation+scale")},
     # branch final, src/blocks/dit_block.py and src/layers/rotation_modulation.py: rotation in place of scale from
     # a plain zero-initialised θ head, the MP shift blend mp_sum(h, b, t), the rotation as the gate, attention

@@ -5,6 +5,7 @@ magnitude-preserving DiT of arXiv 2505.19122 built from EDM2's primitives (`lit_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,7 +135,7 @@ class TimestepEmbedder(nn.Module):
         self.fc1 = linear(cfg, channels, cfg.width)
         self.fc2 = linear(cfg, cfg.width, cfg.width)
         if kind in ("fourier", "fourier_step"):
-            self.fourier = MPFourier(channels)
+            self.fourier = MPFourier(channels, gain=math.sqrt(2) if cfg.mp.fourier_sqrt2 else 1.0)
         if kind == "fourier":
             abar = linear_alphas_cumprod(cfg.num_timesteps)
             log_sigma = 0.5 * np.log((1 - abar) / abar)  # σ_t of the equivalent variance-exploding process

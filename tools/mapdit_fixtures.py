@@ -5,12 +5,13 @@ Run outside this repository's code against a checkout of the paper's code (ericb
     git -C map-dit archive <branch> | tar -x -C /tmp/mapdit-<branch>
     PYTHONPATH=<einops> python tools/mapdit_fixtures.py /tmp/mapdit-<branch> <branch> <commit>
 
-It builds every model of the branch (the models of tools/mapdit_counts.py) at a tiny size (depth 2, width 64,
-2 heads, patch 4, 28×28×1, 10 classes), sets every parameter to seeded random values (zero-initialised heads
-would hide a transposed or misplaced head), runs one fixed batch of (x, t, y) in evaluation mode in float32,
-and writes tests/data/mapdit_<branch>.pt: the branch's commit, the inputs, and per model its state dict
-(parameters rounded to float16 and the model run with the rounded values, so the file is half the size and
-still exact) and output. Nothing of that code is kept here: only its numbers.
+It builds every model of the branch (the models of tools/mapdit_counts.py) at a tiny size (depth 2, width 32,
+2 heads, MLPs of width 32, patch 4, 16×16×3: three channels so that a patch's channel order matters; 10 classes;
+a file per branch of at most 0.6 MB), sets every parameter to seeded random values (zero-initialised heads would
+hide a transposed or misplaced head), runs one fixed batch of (x, t, y) in evaluation mode in float32, and writes
+tests/data/mapdit_<branch>.pt: the branch's commit, the inputs, and per model its state dict (parameters rounded
+to float16 and the model run with the rounded values, so the file is half the size and still exact) and output.
+Nothing of that code is kept here: only its numbers.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from mapdit_counts import MORPH_FLAGS, OLD_MOD_OPTS  # the flags that build each branch's models
 
-TINY = dict(depth=2, hidden_size=64, patch_size=4, num_heads=2, input_size=28, in_channels=1, num_classes=10)
+TINY = dict(depth=2, hidden_size=32, patch_size=4, num_heads=2, mlp_ratio=1.0, input_size=16, in_channels=3, num_classes=10)
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
@@ -39,18 +40,23 @@ def branch_models(branch: str) -> dict[str, dict[str, bool]]:
 def inputs() -> dict[str, torch.Tensor]:
     """A batch that touches every path: the first and last step, and the null class (index 10)."""
     g = torch.Generator().manual_seed(0)
-    return {"x": torch.randn(4, 1, 28, 28, generator=g), "t": torch.tensor([0, 10, 500, 999]), "y": torch.tensor([0, 3, 7, 10])}
+    x = torch.randn(4, TINY["in_channels"], TINY["input_size"], TINY["input_size"], generator=g)
+    return {"x": x, "t": torch.tensor([0, 10, 500, 999]), "y": torch.tensor([0, 3, 7, 10])}
 
 
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Every parameter seeded-random and float16-exact: matrices N(0, 1/fan_in) so that the unnormalized models
-    stay in range, everything else (gains, tables) N(0, 1)."""
+    stay in range, gains of either sign and a magnitude uniform in [0.5, 1]: the modulations (1 + g·φ) stay in
+    range too, where float32's rounding is below the test's 1e-5 (with gains N(0, 1) morph/E's output had RMS 11
+    and rounding errors of 1e-4), and no gain is so small that its head or the output would be silent."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         value = torch.randn(p.shape, generator=g)
         if p.ndim == 2:
             value /= p.shape[1] ** 0.5
+        else:
+            value = value.sign() * (1 + torch.rand(p.shape, generator=g)) / 2
         p.copy_(value.half().float())
 
 
@@ -64,11 +70,12 @@ def main(checkout: str, branch: str, commit: str) -> None:
         torch.manual_seed(i)  # buffers drawn at construction (Fourier features) are the branch's own
         model = DiT(**TINY, **flags).eval()
         randomize(model, seed=i)
-        out = model(batch["x"], batch["t"], batch["y"])
+        with torch.no_grad():
+            out = model(batch["x"], batch["t"], batch["y"])
         state = {k: v.half() if k in dict(model.named_parameters()) else v for k, v in model.state_dict().items()}
         models[name] = {"state_dict": state, "output": out}
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, output RMS {out.square().mean().sqrt():.3f}")
-    path = OUT / f"mapdit_{branch.replace('-', '_')}.pt"
+    path = OUT / f"mapdit_{branch}.pt"
     torch.save({"branch": branch, "commit": commit, "size": TINY, **batch, "models": models}, path)
     print(f"wrote {path}")
 

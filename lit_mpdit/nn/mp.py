@@ -213,15 +213,17 @@ def frozen_weights(module: nn.Module) -> Iterator[None]:
 
 
 class MPFourier(nn.Module):
-    """Fixed random Fourier features √2·cos(2π(f·s + φ)), unit variance for any s (Eq. 75)."""
+    """Fixed random Fourier features √2·cos(2π(f·s + φ)), unit variance for any s (Eq. 75); `gain` 1 gives the
+    plain cosines of map-dit's old-mod_opts."""
 
-    def __init__(self, num_channels: int, bandwidth: float = 1.0):
+    def __init__(self, num_channels: int, bandwidth: float = 1.0, gain: float = math.sqrt(2)):
         super().__init__()
+        self.gain = gain
         self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
         self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return math.sqrt(2) * torch.cos(s.float()[:, None] * self.freqs[None] + self.phases[None])  # (N, C)
+        return self.gain * torch.cos(s.float()[:, None] * self.freqs[None] + self.phases[None])  # (N, C)
 
 
 class MPEmbedding(nn.Module):
