@@ -61,8 +61,8 @@ def load_profile(name: str) -> dict[str, Any]:
 
 
 def resolve_precisions(profile: dict[str, Any]) -> dict[str, Any]:
-    """The profile with each "auto" precision made concrete for this machine: bf16 where the CPU (or GPU) has
-    it natively, fp32 where it would be emulated (`lit_mpdit.runtime.native_bf16`)."""
+    """The profile with each "auto" precision made concrete for this machine: bf16 where it is faster than
+    fp32 here, fp32 elsewhere (`lit_mpdit.runtime.bf16_pays`)."""
     from lit_mpdit.runtime import resolve_precision
 
     trainer, ev = profile["fit"]["trainer"], profile["eval"]

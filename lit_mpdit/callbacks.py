@@ -199,7 +199,7 @@ class PeriodicFID(L.Callback):
         steps: int = 25,  # sampling steps
         sampler: str = "ddpm",
         guidance: float = 1.5,
-        precision: str = "auto",  # Inception precision: bf16, fp32, or auto (bf16 where native, runtime.native_bf16)
+        precision: str = "auto",  # Inception precision: bf16, fp32, or auto (bf16 where it pays, runtime.bf16_pays)
         sample_precision: str = "fp32",  # the denoiser's precision while sampling: bf16, fp32 or auto
         compile: bool = False,  # torch.compile the denoiser for sampling
         bootstrap: int = 0,  # resamples for an interval; 0 = none

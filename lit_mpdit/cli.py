@@ -252,7 +252,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigma-rel", type=float, default=None, help="σ_rel of the post-hoc EMA")
     p.add_argument("--snapshots", default=None, help="post-hoc EMA snapshot folder (default: <run>/ema_snapshots)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32, bf16, or auto (bf16 where the CPU has it natively)")
+    p.add_argument("--precision", default=d.precision, help="Inception precision: fp32, bf16, or auto (bf16 where it is faster than fp32 here)")
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
     p.add_argument("--sample-precision", default=d.sample_precision, help="the denoiser's precision while sampling: fp32, bf16 or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser for sampling (pays for large --n)")

@@ -33,7 +33,7 @@ class Protocol:
     weights: str = "ema"  # ema, current, posthoc (EDM2 reconstruction at sigma_rel), or init (untrained)
     sigma_rel: float | None = None  # for posthoc
     seed: int = 0  # seeds the sampling noise and the bootstrap
-    precision: str = "fp32"  # Inception precision: fp32, bf16, or auto (bf16 where native: runtime.native_bf16)
+    precision: str = "fp32"  # Inception precision: fp32, bf16, or auto (bf16 where it pays: runtime.bf16_pays)
     bootstrap: int = 200  # resamples for the 95% interval; 0 = none
     sample_precision: str = "fp32"  # the denoiser's precision while sampling: fp32, bf16 autocast (ε and x_t stay fp32), or auto
     compile: bool = False  # torch.compile the denoiser for sampling (`DiffusionModule.sample`)

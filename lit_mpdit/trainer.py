@@ -10,9 +10,9 @@ from lit_mpdit.runtime import AUTO, resolve_precision
 
 
 class Trainer(L.Trainer):
-    """`precision: auto` trains in bf16-mixed where the CPU (or GPU) has bf16 natively and in 32-true where it
-    would be emulated (on an AVX2-only CPU a bf16-mixed step ran 16x slower than fp32): the rule of the cpu
-    profile, so one config file is fast on either machine. Every other value is Lightning's."""
+    """`precision: auto` trains in bf16-mixed where bf16 is faster than fp32 here and in 32-true elsewhere
+    (`runtime.bf16_pays`, measured: on an AVX2-only CPU a bf16-mixed step ran 16x slower than fp32): the rule of
+    the cpu profile, so one config file is fast on any machine. Every other value is Lightning's."""
 
     def __init__(self, *args, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs):
         if precision == AUTO:

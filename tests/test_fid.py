@@ -111,7 +111,7 @@ def test_a_protocols_auto_precisions_are_this_machines_and_a_bad_one_names_the_c
     from lit_mpdit import runtime
     from lit_mpdit.evaluate import Protocol
 
-    monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "bf16_pays", lambda: native)
     protocol = Protocol(precision="auto", sample_precision="auto")
     assert (protocol.precision, protocol.sample_precision) == (("bf16", "bf16") if native else ("fp32", "fp32"))
     assert Protocol(precision="fp32", sample_precision="bf16").sample_precision == "bf16"  # a concrete one is kept

@@ -567,7 +567,7 @@ def test_the_cpu_profiles_auto_precision_is_bf16_only_where_it_is_native(monkeyp
     from ablations.cells import precisions_of
     from lit_mpdit import runtime
 
-    monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "bf16_pays", lambda: native)
     expected = {"train": "bf16-mixed", "inception": "bf16", "sample": "bf16"} if native else {"train": "32-true", "inception": "fp32", "sample": "fp32"}
     assert precisions_of(load_profile("cpu")) == expected
     fp32 = {"train": "32-true", "inception": "fp32", "sample": "fp32"}
