@@ -266,18 +266,19 @@ def cell_walls(study, first_trial: int) -> list[float]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [
-        t.user_attrs["wall_s"] - t.user_attrs.get("one_time_s", 0.0)
-        for t in trials
-        if t.number >= first_trial and "wall_s" in t.user_attrs and not t.user_attrs.get("resumed_from_step")
-    ]
+    return [recurring_s(t.user_attrs) for t in trials if t.number >= first_trial and "wall_s" in t.user_attrs and not t.user_attrs.get("resumed_from_step")]
+
+
+def recurring_s(record: dict) -> float:
+    """A finished cell's wall time less what it paid once (`one_time_s`, where recorded)."""
+    return record["wall_s"] - record.get("one_time_s", 0.0)
 
 
 def committed_pace(profile: str) -> float | None:
     """The median time per cell of the committed run of `profile` (results/ablations/<profile>), if any, with
     one-time costs left out as `cell_walls` does (where recorded)."""
     records = [json.loads(p.read_text()) for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
-    walls = [r["wall_s"] - r.get("one_time_s", 0.0) for r in records if r.get("wall_s") is not None]
+    walls = [recurring_s(r) for r in records if r.get("wall_s") is not None]
     return statistics.median(walls) if walls else None
 
 

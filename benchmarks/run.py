@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lit_mpdit.conditioning import NAMED_STRATEGIES
 from lit_mpdit.cost import forward_gflops, n_params
 from lit_mpdit.module import DiffusionModule
-from lit_mpdit.runtime import keep_freed_memory, native_bf16
+from lit_mpdit.runtime import keep_freed_memory, matmul_gflops, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (size, input_size, channels, classes, batches)
@@ -52,13 +52,6 @@ TARGETS = {  # what issue 5 asks of the ratios
 
 # ----------------------------------------------------------------------------
 # Measurements.
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an n×n product, the best of `repeats`."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
 
 
 def allocation_ms(numel: int = 11_000_000, repeats: int = 10) -> float:
@@ -374,7 +367,7 @@ def default_precisions() -> list[str]:
 
 def precision_peaks() -> dict[str, float]:
     """The matmul peak per precision; an emulated bf16 on a smaller product (it runs ~100× slower)."""
-    return {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, *((2048, 10) if native_bf16() else (512, 3)))}
+    return {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16, *((2048, 10) if native_bf16() else (512, 3)))}
 
 
 def profile_precision() -> str:

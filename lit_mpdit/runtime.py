@@ -43,30 +43,34 @@ BF16_MARGIN = 1.3  # bf16 "pays" where its matrix products run at least this muc
 @functools.lru_cache(maxsize=None)
 def bf16_pays() -> bool:
     """Whether bf16 is faster than fp32 here, measured once per process: native (`native_bf16`), and a 1024³
-    matrix product at least `BF16_MARGIN` times fp32's speed (the best of 5 each). Native is not enough: on an
+    matrix product at least `BF16_MARGIN` times fp32's speed (`matmul_gflops`, the best of 5 each). Native is not enough: on an
     Intel Xeon with AVX-512 BF16 and no AMX, bf16 products ran at 182-198 GFLOP/s against 324-392 in fp32 and a
     T/4 bf16-mixed training step at 0.76x fp32's (results/bench/xeon-avx512_bf16/), where an AMD EPYC with the
     same flag ran bf16 at 2.2x fp32. The two cases lie far on either side of the margin."""
-    import time
-
     import torch
 
     if not native_bf16():
         return False
     if torch.cuda.is_available():
         return True
+    return matmul_gflops(torch.bfloat16, 1024, 5) >= BF16_MARGIN * matmul_gflops(torch.float32, 1024, 5)
 
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        a @ b  # oneDNN's first call builds the kernel
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
 
-    return best(torch.float32) >= BF16_MARGIN * best(torch.bfloat16)
+def matmul_gflops(dtype, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n×n product on the CPU, the best of `repeats` (the first call, which builds oneDNN's kernel,
+    not counted)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 AUTO = "auto"  # a profile's precision: bf16 where it pays (`bf16_pays`), fp32 elsewhere
