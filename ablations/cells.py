@@ -100,12 +100,16 @@ def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | 
     return list(dict.fromkeys(claim + [Cell(c, mp, seed) for seed in seeds for c, mp in pairs]))
 
 
-def study_cells(grid: dict[str, Any], name: str, seeds: list[int]) -> list[Cell]:
-    """The cells of one of grid.yaml's `studies` (sets of cells beside the grid), at every seed."""
+def study_cells(grid: dict[str, Any], name: str, seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:
+    """The cells of one of grid.yaml's `studies` (sets of cells beside the grid): every `conditioning` with every
+    `mp`, or the (conditioning, mp) `pairs` it lists, at every seed (`seeds: claim`: at the profile's claim seeds),
+    each seed's cells together."""
     studies = grid.get("studies", {})
     check_choice("--group", name, studies)
     study = studies[name]
-    return [Cell(c, mp, seed) for seed in seeds for c in study["conditioning"] for mp in study["mp"]]
+    pairs = [tuple(p) for p in study["pairs"]] if "pairs" in study else [(c, mp) for c in study["conditioning"] for mp in study["mp"]]
+    at = (claim_seeds or seeds) if study.get("seeds") == "claim" else seeds
+    return [Cell(c, mp, seed) for seed in at for c, mp in pairs]
 
 
 def validate_grid(cells: list[Cell]) -> None:
@@ -176,10 +180,11 @@ def cell_config(profile: dict[str, Any], cell: Cell, cell_dir: Path, lr: float |
             {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": {"tracking_uri": tracking_uri, "run_id": run_id}}
         )
     ema_decay = profile.get("ema_decay", 0.999)
-    from lit_mpdit.config import grid_design, grid_flags
+    from lit_mpdit.config import grid_design, grid_flags, split_overrides
 
-    if lr is None:  # a profile may set a learning rate per family instead of the family's preset
-        lr = profile.get("lr", {}).get(grid_flags(cell.conditioning, cell.mp).family)
+    if lr is None:  # a profile may set a learning rate per family instead of the family's preset, and per paper model
+        rates = profile.get("lr", {})  # (its rung-axis value, e.g. morph/A) in place of its family's
+        lr = rates.get(split_overrides(cell.mp)[0], rates.get(grid_flags(cell.conditioning, cell.mp).family))
     overrides = {
         "seed_everything": cell.seed,
         "model": {**grid_design(cell.conditioning, cell.mp), **({"lr": lr} if lr is not None else {})},

@@ -3,10 +3,12 @@ budget, one seed, each learning rate a sweep of its own (so a rerun resumes it).
 
     python -m ablations.lr_search --profile cpu          # results/ablations/lr_search/cpu/: lr_table.md and the runs
     python -m ablations.lr_search --profile cpu --table  # the table of the cells finished so far, no training
+    python -m ablations.lr_search --profile cpu --search paper   # the paper's own models: results/ablations/lr_search/cpu_paper/
     mlflow ui --backend-store-uri sqlite:///results/ablations/lr_search/cpu/mlflow.db   # every rate's runs
 
-The grid is the profile's `lr_search: {standard: [...], mp: [...], cells: [...]}`. The table gives FID per
-(cell, learning rate); the profile's `lr` then names the best of each family, with a comment naming this search.
+The grid is the profile's `lr_search: {standard: [...], mp: [...], cells: [...]}` (`lr_search_<name>` with
+--search <name>). The table gives FID per (cell, learning rate); the profile's `lr` then names the best of each
+family, with a comment naming this search.
 """
 from __future__ import annotations
 
@@ -46,22 +48,33 @@ def lr_table(out: Path) -> pd.DataFrame:
     return table.sort_values(["cell", "lr"]).reset_index(drop=True)
 
 
-def search(profile_name: str, out: Path) -> pd.DataFrame:
-    from ablations.cells import grid_flags_of, load_profile
-    from ablations.sweep import sweep
+def search_spec(profile_name: str, name: str | None) -> dict:
+    """The profile's learning-rate grid `lr_search` (or `lr_search_<name>`), refused before any work if absent."""
+    from ablations.cells import load_profile
+    from lit_mpdit.errors import check_choice
 
     profile = load_profile(profile_name)
-    spec = profile.get("lr_search")
-    if not spec:
+    key = f"lr_search_{name}" if name else "lr_search"
+    if name:
+        check_choice("--search", name, [k.removeprefix("lr_search_") for k in profile if k.startswith("lr_search_")])
+    if not profile.get(key):
         raise ConfigError(f"--profile: {profile_name} has no lr_search grid; allowed: profiles with lr_search")
+    return profile[key]
+
+
+def search(profile_name: str, out: Path, name: str | None = None) -> pd.DataFrame:
+    from ablations.cells import grid_flags_of
+    from ablations.sweep import sweep
+
+    spec = search_spec(profile_name, name)
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"  # one MLflow store for the search: every rate's runs side by side
     for cell in spec["cells"]:
         for lr in spec[grid_flags_of(cell).family]:
             sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr)
-    return write_table(profile_name, out)
+    return write_table(profile_name, out, name)
 
 
-def write_table(profile_name: str, out: Path) -> pd.DataFrame:
+def write_table(profile_name: str, out: Path, name: str | None = None) -> pd.DataFrame:
     """lr_table.csv and lr_table.md of the finished cells under `out` (all of them, or so far)."""
     if not any(out.glob("lr*/cells/*/result.json")):
         raise ConfigError(f"--out: no finished learning-rate cell in {out}; allowed: the folder of a search (python -m ablations.lr_search --profile {profile_name})")
@@ -70,8 +83,9 @@ def write_table(profile_name: str, out: Path) -> pd.DataFrame:
     relocate_artifacts(out)  # a clone's copy of the search: its MLflow runs find their artifacts here
     table = lr_table(out)
     table.to_csv(out / "lr_table.csv", index=False)
+    command = f"python -m ablations.lr_search --profile {profile_name}" + (f" --search {name}" if name else "")
     (out / "lr_table.md").write_text(
-        f"# Learning-rate search of profile `{profile_name}`\n\n`python -m ablations.lr_search --profile {profile_name}`: "
+        f"# Learning-rate search of profile `{profile_name}`{f' ({name})' if name else ''}\n\n`{command}`: "
         "one seed per (cell, learning rate), FID with the profile's protocol.\n\n" + table.to_markdown(index=False, floatfmt=".4g") + "\n"
     )
     return table
@@ -80,12 +94,13 @@ def write_table(profile_name: str, out: Path) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ablations.lr_search", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="cpu")
-    p.add_argument("--out", default=None, help="default: results/ablations/lr_search/<profile>")
+    p.add_argument("--search", default=None, help="the profile's lr_search_<name> grid (e.g. paper) instead of its lr_search")
+    p.add_argument("--out", default=None, help="default: results/ablations/lr_search/<profile>[_<search>]")
     p.add_argument("--table", action="store_true", help="only write the table of the cells finished so far")
     args = p.parse_args(argv)
-    out = Path(args.out or f"results/ablations/lr_search/{args.profile}")
+    out = Path(args.out or f"results/ablations/lr_search/{args.profile}" + (f"_{args.search}" if args.search else ""))
     try:
-        table = write_table(args.profile, out) if args.table else search(args.profile, out)
+        table = write_table(args.profile, out, args.search) if args.table else search(args.profile, out, args.search)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

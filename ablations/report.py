@@ -139,22 +139,32 @@ def read_metrics(out: Path, cell: str) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
+def curve_panels(grid: dict[str, Any], cells: list[str]) -> dict[str, list[str]]:
+    """The run's cells by panel: each grid group that holds some of them, then one panel `other cells` for
+    the cells no group names (a study's: a changed rung 'E~gate=scalar', a branch of the paper's code)."""
+    def within(cell: str, group: dict[str, Any]) -> bool:
+        parsed = cell_of(cell)
+        return parsed.conditioning in group["conditioning"] and parsed.mp in group["mp"]
+
+    panels = {name: [c for c in cells if within(c, group)] for name, group in grid["groups"].items()}
+    panels["other cells"] = [c for c in cells if not any(within(c, g) for g in grid["groups"].values())]
+    return {name: members for name, members in panels.items() if members} or {"no cells": []}
+
+
 def plot_curves(out: Path, grid: dict[str, Any], cells: list[str], column: str, ylabel: str, path: Path, smooth: int = 5) -> None:
-    """One panel per grid group, one line per cell; the metric as logged by the cell's CSV logger."""
-    groups = grid["groups"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
-    for ax, (name, group) in zip(axes[0], groups.items()):
-        for cell in cells:
-            parsed = cell_of(cell)
-            if parsed.conditioning not in group["conditioning"] or parsed.mp.split("~")[0] not in group["mp"]:
-                continue  # a study's changed rung ('E~gate=scalar') is drawn where its rung is
+    """One panel per grid group the run's cells belong to (and one for the rest), one line per cell; the
+    metric as logged by the cell's CSV logger."""
+    panels = curve_panels(grid, cells)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, members) in zip(axes[0], panels.items()):
+        for cell in members:
             metrics = read_metrics(out, cell)
             if metrics is None or column not in metrics:
                 continue
             series = metrics[["step", column]].dropna()
             ax.plot(series.step, series[column].rolling(smooth, min_periods=1).mean(), label=cell)
         ax.set(title=name, xlabel="step", ylabel=ylabel)
-        if ax.lines:  # a group with no cell of this run stays an empty panel
+        if ax.lines:  # a panel whose cells logged nothing yet stays empty
             ax.legend(fontsize=7)
     save(fig, path)
 

@@ -397,7 +397,7 @@ def sweep(
     if n_trials is not None and (mode != "tpe" or n_trials < 1):
         raise ConfigError(f"--n-trials: a positive number of trials for --mode tpe, got {n_trials} with --mode {mode}")
     grid = load_yaml(HERE / "grid.yaml")
-    cells = grid_cells(grid, profile["seeds"], profile.get("claim_seeds")) if group is None else study_cells(grid, group, profile["seeds"])
+    cells = grid_cells(grid, profile["seeds"], profile.get("claim_seeds")) if group is None else study_cells(grid, group, profile["seeds"], profile.get("claim_seeds"))
     if cells_filter:  # the grid's cells, or any other cell whose model builds (e.g. a branch of the paper's code)
         grid_ids = {c.id for c in cells}
         unknown = sorted(c for c in set(cells_filter) - grid_ids if not buildable(c))

@@ -1,6 +1,7 @@
 """Gaussian diffusion with learned variance, written from the equations of DDPM (Ho et al. 2020) and
 improved DDPM (Nichol & Dhariwal 2021): ε-prediction, Σ interpolated between β_t and β̃_t, the loss
-L_simple + L_vlb, respaced DDPM and DDIM sampling, and classifier-free guidance on ε.
+L_simple + L_vlb, respaced DDPM and DDIM sampling, and classifier-free guidance on ε. DPM-Solver++(2M)
+(Lu et al. 2022), deterministic and as its SDE variant, is diffusers' `DPMSolverMultistepScheduler`.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import torch
 
 from lit_mpdit.dit import linear_alphas_cumprod
-from lit_mpdit.errors import check_choice
+from lit_mpdit.errors import ConfigError, check_choice
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t, y) → output
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "sde-dpm++2m")
+MULTISTEP = {"dpm++2m": "dpmsolver++", "sde-dpm++2m": "sde-dpmsolver++"}  # diffusers' algorithm_type
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -94,6 +96,29 @@ class GaussianDiffusion:
         out = self._on[key][name][k]
         return out.view(-1, *([1] * (like.ndim - 1))) if name != "timestep_map" else out
 
+    def multistep_solver(self, clip_x0: bool, sampler: str = "dpm++2m"):
+        """diffusers' DPM-Solver++(2M) (or its SDE variant) in as many steps as this diffusion keeps, on the base T's β and in
+        diffusers' own step spacing (999 … T/K, then to σ = 0: a second-order step onto t = 0 itself, where
+        λ jumps, lands far off). `thresholding` with `sample_max_value` 1 clamps x_0 to [-1, 1]: its quantile
+        scale is clamped to [1, 1]."""
+        try:
+            from diffusers import DPMSolverMultistepScheduler
+        except ImportError:
+            raise ConfigError(f"--sampler {sampler}: needs diffusers (pip install 'lit_mpdit[latents]')") from None
+        if self.num_steps >= self.num_timesteps:  # the spacing's step falls below 1: a repeated t, a zero-length step, NaN
+            raise ConfigError(f"--steps: {sampler} takes at most {self.num_timesteps - 1} steps, got {self.num_steps}")
+        base = linear_alphas_cumprod(self.num_timesteps)
+        solver = DPMSolverMultistepScheduler(
+            num_train_timesteps=self.num_timesteps,
+            trained_betas=1 - base / np.append(1.0, base[:-1]),
+            solver_order=2,
+            algorithm_type=MULTISTEP[sampler],
+            thresholding=clip_x0,
+            sample_max_value=1.0,
+        )
+        solver.set_timesteps(self.num_steps)
+        return solver
+
     # ------------------------------------------------------------------ forward process
 
     def q_sample(self, x0: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -142,9 +167,9 @@ class GaussianDiffusion:
         vb = torch.where(k == 0, nll, kl)  # bits per dimension
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-    def guided_output(self, model: Denoiser, xt, k, y, guidance: float, null_class: int):
-        """ε (and v) with classifier-free guidance: ε_u + s(ε_c − ε_u) on ε only; v from the conditional half."""
-        t = self._at("timestep_map", k, xt)
+    def guided_output(self, model: Denoiser, xt, t, y, guidance: float, null_class: int):
+        """ε (and v) at base steps t with classifier-free guidance: ε_u + s(ε_c − ε_u) on ε only; v from the
+        conditional half."""
         if guidance == 1.0:
             return self.split_output(model(xt, t, y))
         out = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
@@ -159,7 +184,7 @@ class GaussianDiffusion:
         noise: torch.Tensor,  # x_T, (N, C, H, W)
         y: torch.Tensor,  # labels (N,)
         *,
-        sampler: str = "ddpm",  # "ddpm" (ancestral, learned Σ) or "ddim" (η = 0)
+        sampler: str = "ddpm",  # "ddpm" (ancestral, learned Σ), "ddim" (η = 0), "dpm++2m" or "sde-dpm++2m" (diffusers)
         guidance: float = 1.0,  # classifier-free guidance scale; 1 = none
         null_class: int | None = None,  # the label index of "no class"; needed when guidance ≠ 1
         clip_x0: bool = False,  # clamp predicted x_0 to [-1, 1] (pixels; not latents)
@@ -169,9 +194,15 @@ class GaussianDiffusion:
         if guidance != 1.0 and null_class is None:
             raise ValueError("classifier-free guidance needs the null class index")
         x = noise
+        if sampler in MULTISTEP:
+            solver = self.multistep_solver(clip_x0, sampler)
+            for t in solver.timesteps:
+                eps, _ = self.guided_output(model, x, t.expand(len(x)).to(x.device), y, guidance, null_class)
+                x = solver.step(eps.float(), t, x, generator=generator).prev_sample
+            return x
         for i in reversed(range(self.num_steps)):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, v = self.guided_output(model, x, k, y, guidance, null_class)
+            eps, v = self.guided_output(model, x, self._at("timestep_map", k, x), y, guidance, null_class)
             eps, v = eps.float(), (None if v is None else v.float())
             if sampler == "ddpm":
                 p = self.p_mean_variance(x, k, eps, v, clip_x0)

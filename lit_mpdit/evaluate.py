@@ -28,7 +28,7 @@ class Protocol:
     n_ref: int = 5000  # reference images
     reference_split: str = "test"  # split of the data the reference images come from
     steps: int = 50  # sampling steps (respaced)
-    sampler: str = "ddpm"  # ddpm or ddim
+    sampler: str = "ddpm"  # ddpm, ddim, dpm++2m or sde-dpm++2m (diffusers)
     guidance: float = 1.5  # classifier-free guidance scale; 1 = none
     weights: str = "ema"  # ema, current, posthoc (EDM2 reconstruction at sigma_rel), or init (untrained)
     sigma_rel: float | None = None  # for posthoc
@@ -73,11 +73,13 @@ def evaluate(
     """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval. Latent models
     pass their data module's `to_images`, which decodes with the VAE. `subsets` gives a smaller-N FID from the
     same images for free (a convergence curve's last point, at the curve's N)."""
+    from lit_mpdit.diffusion import MULTISTEP
     from lit_mpdit.images import to_uint8
     from lit_mpdit.metrics.fid import InceptionFeatures, fid_from_features, reference_features
     from lit_mpdit.metrics.frechet import bootstrap_fid
 
-    check_range("--steps", protocol.steps, 1, module.diffusion.num_steps)  # before minutes of reference features
+    most = module.diffusion.num_steps - (protocol.sampler in MULTISTEP)  # GaussianDiffusion.multistep_solver
+    check_range("--steps", protocol.steps, 1, most)  # before minutes of reference features
     started = time.perf_counter()
     net = InceptionFeatures(protocol.precision)
     loaded = time.perf_counter()

@@ -114,3 +114,42 @@ def test_the_stand_ins_for_timms_layers_compute_attention_and_patches_as_defined
     q, k, v = attn.qkv(tokens).reshape(2, 5, 3, 2, 8).unbind(2)
     heads = [torch.softmax(q[..., h, :] @ k[..., h, :].transpose(1, 2) / 8**0.5, -1) @ v[..., h, :] for h in range(2)]
     torch.testing.assert_close(attn(tokens), attn.proj(torch.cat(heads, -1)))
+
+
+def test_a_cheaper_protocol_agrees_only_inside_the_references_interval_on_every_checkpoint(tmp_path, monkeypatch):
+    import bench_eval
+
+    fids = {("a.ckpt", "ddpm", False): (60.0, 58.0, 62.0), ("a.ckpt", "ddpm", True): (61.0, 59.0, 63.0), ("a.ckpt", "dpm++2m", False): (57.5, 55.0, 60.0),
+            ("b.ckpt", "ddpm", False): (80.0, 78.0, 82.0), ("b.ckpt", "ddpm", True): (79.0, 77.0, 81.0), ("b.ckpt", "dpm++2m", False): (79.0, 77.0, 81.0)}  # fmt: skip
+    seconds = {"ddpm": 100.0, "dpm++2m": 20.0}
+
+    def fake_evaluate(module, name, images, protocol):
+        fid, lo, hi = fids[module, protocol.sampler, protocol.compile]
+        spent = seconds[protocol.sampler] * (0.5 if protocol.compile else 1)
+        return {"fid": fid, "fid_lo": lo, "fid_hi": hi, "seconds": {"reference": 5.0, "sampling": spent - 10, "total": 5.0 + spent}}
+
+    monkeypatch.setattr(bench_eval, "evaluate", fake_evaluate)
+    monkeypatch.setattr(bench_eval, "load_for_evaluation", lambda ckpt, protocol, snapshots: ckpt)
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "result.json").write_text(json.dumps({"seconds": {"training_steps": 600.0, "fid_curve": 100.0, "final_evaluation": 200.0, "wall": 950.0}}))
+    report = bench_eval.protocol_agreement(bench_eval.load_profile("cpu"), ["a.ckpt", "b.ckpt"], ["ddpm:50", "ddpm:50:compile", "dpm++2m:10"], str(cell))
+    summary = {s["protocol"]: s for s in report["summary"]}
+    assert summary["ddpm:50"]["agrees"] and summary["ddpm:50:compile"]["agrees"]
+    assert not summary["dpm++2m:10"]["agrees"]  # inside on b, 57.5 outside a's [58, 62]
+    assert summary["ddpm:50:compile"]["evaluation_time_vs_reference"] == pytest.approx(0.5)
+    assert summary["ddpm:50"]["cell_non_training_share"] == pytest.approx(350 / 950)  # as the cell ran
+    assert summary["dpm++2m:10"]["cell_non_training_share"] == pytest.approx(1 - 600 / (950 - 300 * 0.8))
+    rows = {(r["ckpt"], r["protocol"]): r for r in report["rows"]}
+    assert rows["a.ckpt", "dpm++2m:10"]["vs_reference_pct"] == pytest.approx(-100 * 2.5 / 60)
+    md = "\n".join(bench_eval.protocol_markdown({"protocols": report, "n_fake": 1000}))
+    assert "| dpm++2m:10 | **no** |" in md and "| ddpm:50:compile | yes |" in md
+
+
+@pytest.mark.parametrize("spec", ["ddpm", "ddpm:x", "ddpm:50:fast", "euler:10"])
+def test_a_bad_protocol_is_refused_naming_the_option(spec):
+    import bench_eval
+    from lit_mpdit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--protocols"):
+        bench_eval.parse_protocol(spec)

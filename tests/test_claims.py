@@ -62,6 +62,17 @@ def test_claim_two_is_non_inferiority_within_the_margin_with_fewer_parameters(rs
     assert row["verdict"] == verdict and str(MARGIN_PCT).rstrip("0").rstrip(".") in row["rule"]
 
 
+def test_the_paper_models_get_rows_of_their_own_where_their_cells_ran():
+    ladder = results({("adaln", "A"): [100, 100, 100], ("adaln", "E"): [120, 125, 118]})
+    assert [(r["a"], r["b"]) for r in claims(ladder)] == [("adaln/A", "adaln/E"), ("adaln/A", "rotation+scale/A"), ("adaln/E", "rotation+scale/E")]
+    paper = results({("adaln", "morph/A"): [100, 100, 100], ("adaln", "morph/E"): [80, 85, 90], ("adaln", "old-mod_opts"): [90, 90, 90],
+                     ("rotation+scale", "old-mod_opts"): [91, 92, 90]}, {("rotation+scale", "old-mod_opts"): 940})  # fmt: skip
+    rows = {(r["claim"], r["a"], r["b"]): r for r in claims(paper)}
+    assert set(rows) == {(1, "adaln/morph/A", "adaln/morph/E"), (2, "adaln/old-mod_opts", "rotation+scale/old-mod_opts")}
+    assert rows[1, "adaln/morph/A", "adaln/morph/E"]["verdict"] == "supported"
+    assert rows[2, "adaln/old-mod_opts", "rotation+scale/old-mod_opts"]["verdict"] == "supported"
+
+
 def test_claims_files_are_written_with_their_rule(tmp_path):
     r = results({("adaln", "A"): [100, 101, 99], ("adaln", "E"): [90, 91, 89]})
     write_claims(r, tmp_path)
@@ -151,3 +162,14 @@ def test_leave_one_out_reads_each_change_against_rung_es_prediction_interval(tmp
     assert write_leave_one_out(changed, tmp_path / "cpu", tmp_path) is not None
     assert "gate=scalar" in (tmp_path / "leave_one_out.md").read_text()
     assert write_leave_one_out(reference, tmp_path / "cpu", tmp_path / "cpu") is None  # no changed cell: no table
+
+
+def test_curve_panels_draw_each_cell_once_a_studys_beside_the_groups():
+    from ablations.cells import HERE, load_yaml
+    from ablations.report import curve_panels
+
+    grid = load_yaml(HERE / "grid.yaml")
+    assert curve_panels(grid, ["adaln-E~gate=scalar-s0", "adaln-morph_A-s0"]) == {"other cells": ["adaln-E~gate=scalar-s0", "adaln-morph_A-s0"]}
+    panels = curve_panels(grid, ["adaln-A-s0", "shift-E-s0", "adaln-C-s0"])
+    assert panels == {"ladder": ["adaln-A-s0", "adaln-C-s0"], "strategies": ["adaln-A-s0", "shift-E-s0"], "claims": ["adaln-A-s0"]}
+    assert curve_panels(grid, []) == {"no cells": []}

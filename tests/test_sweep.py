@@ -31,6 +31,31 @@ def test_claim_cells_come_first_at_their_own_seeds_claim_1_before_claim_2_with_p
     assert load_profile("cpu")["claim_seeds"] == [0, 1, 2]  # the default grid decides claims over three seeds
 
 
+def test_the_paper_models_study_trains_every_branch_at_the_claim_seeds_each_seed_together():
+    from ablations.cells import study_cells
+
+    cells = study_cells(load_yaml(HERE / "grid.yaml"), "paper_models", seeds=[0], claim_seeds=[0, 1, 2])
+    validate_grid(cells)
+    assert [c.id for c in cells[:5]] == ["adaln-morph_A-s0", "adaln-morph_E-s0", "adaln-old-mod_opts-s0", "rotation+scale-old-mod_opts-s0", "rotation+mpshift-final-s0"]
+    assert [c.seed for c in cells] == [s for s in (0, 1, 2) for _ in range(5)]  # a run cut short holds paired seeds
+    from lit_mpdit.config import grid_design
+
+    assert {grid_design(c.conditioning, c.mp)["variant"] for c in cells} == set(PAPER_VARIANTS) - {f"old-mod_opts/{s}" for s in ("shift", "scale", "rotation")}
+
+
+def test_the_paper_models_learning_rate_grids_straddle_each_familys_best():
+    from ablations.cells import buildable, grid_flags_of
+    from ablations.lr_search import search_spec
+
+    profile, spec = load_profile("cpu"), search_spec("cpu", "paper")
+    assert all(buildable(c) for c in spec["cells"])
+    for cell in spec["cells"]:  # an octave either side of the ladder's best rate of the same family
+        family = grid_flags_of(cell).family
+        assert spec[family] == pytest.approx([profile["lr"][family] / 2, profile["lr"][family], profile["lr"][family] * 2])
+    with pytest.raises(ConfigError, match="--search: unknown value 'papers'; allowed: 'paper'"):
+        search_spec("cpu", "papers")
+
+
 def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
     from ablations.lr_search import lr_folder, lr_table
 
@@ -90,6 +115,14 @@ def test_a_cell_names_a_rung_or_a_branch_of_the_papers_code(mp):
     if mp not in LADDER:
         assert config["model"]["variant"] == (f"{mp}/{conditioning}" if mp == "old-mod_opts" else mp)
         assert "conditioning" not in config["model"] and "mp" not in config["model"]
+
+
+def test_a_paper_models_own_learning_rate_wins_over_its_familys():
+    profile = load_profile("cpu") | {"lr": {"standard": 8e-3, "mp": 8e-2, "morph/E": 4e-2, "old-mod_opts": 1.6e-1}}
+    rate = lambda cell_id: cell_config(profile, Cell.from_id(cell_id), Path("/tmp/unused"), None, None, "")["model"]["lr"]  # noqa: E731
+    assert (rate("adaln-morph_E-s0"), rate("rotation+scale-old-mod_opts-s1"), rate("adaln-old-mod_opts-s0")) == (4e-2, 1.6e-1, 1.6e-1)
+    assert (rate("adaln-morph_A-s0"), rate("adaln-E-s0"), rate("adaln-E~gate=scalar-s0")) == (8e-3, 8e-2, 8e-2)  # the family's
+    assert cell_config(profile, Cell.from_id("adaln-morph_E-s0"), Path("/tmp/unused"), 1e-3, None, "")["model"]["lr"] == 1e-3  # a search's
 
 
 def test_cells_outside_the_grid_may_name_a_branch_of_the_papers_code(tmp_path):
