@@ -274,11 +274,12 @@ def recurring_s(record: dict) -> float:
     return record["wall_s"] - record.get("one_time_s", 0.0)
 
 
-def committed_pace(profile: str) -> float | None:
-    """The median time per cell of the committed run of `profile` (results/ablations/<profile>), if any, with
-    one-time costs left out as `cell_walls` does (where recorded)."""
+def committed_pace(profile: str, precision: str) -> float | None:
+    """The median time per cell of the committed run of `profile` (results/ablations/<profile>), if any, over
+    its cells trained in `precision` (this run's: a machine where bf16 does not pay trains in fp32, at another
+    pace), with one-time costs left out as `cell_walls` does (where recorded)."""
     records = [json.loads(p.read_text()) for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
-    walls = [recurring_s(r) for r in records if r.get("wall_s") is not None]
+    walls = [recurring_s(r) for r in records if r.get("wall_s") is not None and r.get("train_precision") == precision]
     return statistics.median(walls) if walls else None
 
 
@@ -433,7 +434,7 @@ def sweep(
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
         if mode == "grid":
-            run_grid(study, objective, ids, started, committed_pace(profile_name))
+            run_grid(study, objective, ids, started, committed_pace(profile_name, precisions_of(profile)["train"]))
         else:
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         crashed = crashed_cells(study)

@@ -514,6 +514,15 @@ def test_grid_progress_line_counts_the_cells_left_at_the_median_pace_of_this_run
     assert progress_line(21, 21, 0, 3, started, [864.0]).endswith("done")
 
 
+def test_the_committed_pace_counts_only_cells_trained_in_this_runs_precision():
+    from ablations.sweep import committed_pace, recurring_s
+
+    records = [json.loads(p.read_text()) for p in (ROOT / "results" / "ablations" / "cpu" / "cells").glob("*/result.json")]
+    assert {r["train_precision"] for r in records} == {"bf16-mixed"}  # the committed grid: a machine where bf16 paid
+    assert committed_pace("cpu", "bf16-mixed") == pytest.approx(sorted(recurring_s(r) for r in records)[len(records) // 2])
+    assert committed_pace("cpu", "32-true") is None  # an fp32 machine's ETA waits for its own first cell
+
+
 def test_a_cells_one_time_costs_are_left_out_of_the_pace_of_the_cells_after_it(tmp_path):
     import optuna
 
