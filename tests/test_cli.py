@@ -171,3 +171,14 @@ def test_the_default_config_trains_the_recipe_of_a_committed_grid_cell(tmp_path)
     ema = lambda config: next(c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging"))  # noqa: E731
     assert ema(default) == ema(cell)
     assert default["seed_everything"] == cell["seed_everything"]
+
+
+def test_the_untrained_model_is_built_without_lightnings_device_banners(caplog):
+    import logging
+
+    from lit_mpdit.cli import untrained_module
+
+    caplog.set_level(logging.INFO)  # Lightning prints its banners through logging (to stderr outside pytest)
+    module = untrained_module(str(ROOT / "configs" / "fmnist.yaml"))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert module.hparams.size == "T/4" and "GPU available" not in said and "litlogger" not in said
