@@ -16,6 +16,7 @@ import pandas as pd
 
 MARGIN_PCT = 5.0  # "competitive": the FID of the candidate is at most this much worse than the baseline's
 MIN_SEEDS = 2  # an interval needs two seeds; the grid asks for three
+POWER = 0.8  # the detectable effect: the distance from a rule's boundary decided this often at these seeds
 
 RULE_LOWER = (
     "supported if the 95% interval of the paired relative FID difference lies below 0 (b is better), "
@@ -30,9 +31,13 @@ RULE_COMPETITIVE = (
 
 def t_quantile_975(dof: int) -> float:
     """Two-sided 95% Student-t quantile."""
+    return t_quantile(0.975, dof)
+
+
+def t_quantile(q: float, dof: int) -> float:
     from scipy.stats import t
 
-    return float(t.ppf(0.975, dof))
+    return float(t.ppf(q, dof))
 
 
 def paired(results: pd.DataFrame, a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
@@ -56,12 +61,16 @@ def paired(results: pd.DataFrame, a: tuple[str, str], b: tuple[str, str]) -> dic
         "effect_pct": float(sum(diffs) / len(diffs)) if diffs else math.nan,
         "ci_low": math.nan,
         "ci_high": math.nan,
+        "detectable_pct": math.nan,
     }
     if len(diffs) >= MIN_SEEDS:
-        mean = out["effect_pct"]
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-        half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        out |= {"ci_low": mean - half, "ci_high": mean + half}
+        n, mean = len(diffs), out["effect_pct"]
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+        # A true effect this far from the rule's boundary (0, or the +5% margin) puts the interval past it with
+        # probability POWER, at this many seeds and the seeds' own spread: (t_0.975 + t_POWER) · s / √n.
+        detectable = (t_quantile_975(n - 1) + t_quantile(POWER, n - 1)) * sd / math.sqrt(n)
+        out |= {"ci_low": mean - half, "ci_high": mean + half, "detectable_pct": detectable}
     return out
 
 
@@ -125,6 +134,17 @@ def claims(results: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+DETECTABLE = (
+    f"the smallest distance of the true effect from the rule's boundary (0 for claim 1, +{MARGIN_PCT:g}% for claim 2) "
+    f"that these seeds decide with {POWER:.0%} power, (t_0.975 + t_{POWER:g}) · s / √n over the n seeds' paired "
+    "differences; an effect nearer the boundary than this needs more seeds"
+)
+
+
+def detectable(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"±{x:.1f}"
+
+
 def fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.1f}"
 
@@ -136,17 +156,17 @@ def claims_markdown(rows: list[dict[str, Any]]) -> str:
         "Written by `ablations.report` from the cells' `result.json` (never typed). Effects are paired by seed:",
         "100 · (FID_b − FID_a) / FID_a per seed, mean and 95% Student-t interval over the seeds both cells finished.",
         "",
-        "| claim | comparison (a → b) | seeds | FID a | FID b | effect % | 95% interval % | parameters % | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| claim | comparison (a → b) | seeds | FID a | FID b | effect % | 95% interval % | detectable % | parameters % | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mean = lambda v: f"{sum(v) / len(v):.1f}" if v else "n/a"  # noqa: E731
         lines.append(
             f"| {r['claim']} | {r['a']} → {r['b']} | {len(r['seeds'])} | {mean(r['fid_a'])} | {mean(r['fid_b'])} | "
-            f"{fmt(r['effect_pct'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {fmt(r.get('params_diff_pct'))} | "
+            f"{fmt(r['effect_pct'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {detectable(r['detectable_pct'])} | {fmt(r.get('params_diff_pct'))} | "
             f"**{r['verdict']}** |"
         )
-    lines += ["", "Rules:", f"- claim 1: {RULE_LOWER}.", f"- claim 2: {RULE_COMPETITIVE}.", ""]
+    lines += ["", "Rules:", f"- claim 1: {RULE_LOWER}.", f"- claim 2: {RULE_COMPETITIVE}.", f"- detectable: {DETECTABLE}.", ""]
     for r in rows:
         lines.append(f"- claim {r['claim']}, {r['statement']}: the paper says {r['paper']}.")
     return "\n".join(lines) + "\n"

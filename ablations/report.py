@@ -270,13 +270,23 @@ def plot_fid_curves(means: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
+def stored_cells(out: Path) -> list[str] | None:
+    """The cells of the sweep whose Optuna store is out/optuna.db, in the sweep's order (None: no store)."""
+    if not (out / "optuna.db").exists():
+        return None
+    import optuna
+
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    return next((s.user_attrs["cells"] for s in summaries if s.user_attrs.get("cells")), None)
+
+
 def write_report(study, out: Path, profile: str, baseline: dict[str, str], crashed: dict[str, str] | None = None) -> Path:
     """Every table and plot of the sweep into `out` (the cells' results stay in out/cells); `crashed` names the
     cells that failed without a result and why."""
     cells = study.user_attrs["cells"] if study is not None else None
     grid = yaml.safe_load((HERE / "grid.yaml").read_text())
-    if cells is None:
-        cells = sorted(p.name for p in (out / "cells").iterdir())
+    if cells is None:  # rebuilt without the sweep: its cells in the order the sweep ran them, where it kept one
+        cells = stored_cells(out) or sorted(p.name for p in (out / "cells").iterdir())
     results = load_results(out, cells, crashed)
     fids, params = fid_table(results, baseline), params_table(results)
     means = curve_means(fid_curves(out, cells))

@@ -32,6 +32,16 @@ def test_paired_difference_is_relative_per_seed_with_a_t_interval():
     assert (c["ci_low"], c["ci_high"]) == pytest.approx((-half, half), rel=1e-5)
 
 
+def test_the_detectable_effect_is_what_the_seeds_spread_decides_with_80_percent_power():
+    from scipy.stats import t
+
+    c = paired(results({("adaln", "A"): [100, 100, 100], ("adaln", "E"): [90, 88, 92]}), ("adaln", "A"), ("adaln", "E"))
+    assert c["detectable_pct"] == pytest.approx((t.ppf(0.975, 2) + t.ppf(0.8, 2)) * 2 / math.sqrt(3))  # s = 2 over 3 seeds
+    eight = paired(results({("adaln", "A"): [100] * 8, ("adaln", "E"): [90, 88, 92] * 2 + [90, 90]}), ("adaln", "A"), ("adaln", "E"))
+    assert eight["detectable_pct"] < c["detectable_pct"] / 2  # more seeds: a smaller effect is decided
+    assert math.isnan(paired(results({("adaln", "A"): [100], ("adaln", "E"): [90]}), ("adaln", "A"), ("adaln", "E"))["detectable_pct"])
+
+
 @pytest.mark.parametrize(
     "e_fids, verdict",
     [([80, 85, 90], "supported"), ([120, 125, 118], "contradicted"), ([80, 125, 100], "inconclusive")],
@@ -173,3 +183,13 @@ def test_curve_panels_draw_each_cell_once_a_studys_beside_the_groups():
     panels = curve_panels(grid, ["adaln-A-s0", "shift-E-s0", "adaln-C-s0"])
     assert panels == {"ladder": ["adaln-A-s0", "adaln-C-s0"], "strategies": ["adaln-A-s0", "shift-E-s0"], "claims": ["adaln-A-s0"]}
     assert curve_panels(grid, []) == {"no cells": []}
+
+
+def test_a_report_rebuilt_without_the_sweep_keeps_the_sweeps_cell_order(tmp_path):
+    from ablations.cells import HERE, load_yaml, study_cells
+    from ablations.report import stored_cells
+
+    committed = Path(__file__).resolve().parents[1] / "results" / "ablations" / "leave_one_out"
+    assert stored_cells(committed) == [c.id for c in study_cells(load_yaml(HERE / "grid.yaml"), "leave_one_out", [0])]
+    assert pd.read_csv(committed / "cells.csv").cell.tolist() == stored_cells(committed)  # as `make report` wrote it
+    assert stored_cells(tmp_path) is None  # no store: the folders' sorted order
