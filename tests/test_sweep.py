@@ -653,3 +653,14 @@ def test_the_cpu_profiles_learning_rates_are_the_committed_searchs_best(search):
             assert key not in profile["lr"], f"profile cpu chose a rate for {key}, whose best ({row.lr}) is at the search's edge"
         else:
             assert profile["lr"][key] == pytest.approx(row.lr), f"profile cpu's {key} rate is not {row.cell}'s best, {row.lr}"
+
+
+def test_the_horizon_profile_is_the_cpu_profile_four_times_longer_in_the_same_shape():
+    cpu, long = load_profile("cpu"), load_profile("cpu_long")
+    steps = lambda p: p["fit"]["trainer"]["max_steps"]  # noqa: E731
+    assert steps(long) == 4 * steps(cpu) and long["fit"]["model"] == cpu["fit"]["model"] and long["lr"] == cpu["lr"]
+    assert long["ema_start"] / steps(long) == cpu["ema_start"] / steps(cpu)
+    assert 1 / (1 - long["ema_decay"]) == pytest.approx(4 / (1 - cpu["ema_decay"]))  # the EMA's horizon in steps
+    assert long["eval"] == cpu["eval"] and steps(long) % long["checkpoint_every"] == 0
+    cells = ["adaln-A-s0", "adaln-E-s0"]
+    assert all(c in [x.id for x in grid_cells(load_yaml(HERE / "grid.yaml"), long["seeds"], long["claim_seeds"])] for c in cells)
