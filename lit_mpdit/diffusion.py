@@ -97,10 +97,10 @@ class GaussianDiffusion:
         return out.view(-1, *([1] * (like.ndim - 1))) if name != "timestep_map" else out
 
     def multistep_solver(self, clip_x0: bool, sampler: str = "dpm++2m"):
-        """diffusers' DPM-Solver++(2M) (or its SDE variant) in as many steps as this diffusion keeps, on the base T's β and in
-        diffusers' own step spacing (999 … T/K, then to σ = 0: a second-order step onto t = 0 itself, where
-        λ jumps, lands far off). `thresholding` with `sample_max_value` 1 clamps x_0 to [-1, 1]: its quantile
-        scale is clamped to [1, 1]."""
+        """diffusers' DPM-Solver++(2M) (or its SDE variant) in as many steps as this diffusion keeps, on the
+        base T's β and in diffusers' own step spacing (999 … T/K, then to σ = 0: a second-order step onto t = 0
+        itself, where λ jumps, lands far off). `thresholding` with `sample_max_value` 1 clamps x_0 to [-1, 1]:
+        its quantile scale is clamped to [1, 1]."""
         try:
             from diffusers import DPMSolverMultistepScheduler
         except ImportError:
