@@ -148,7 +148,7 @@ def test_every_profile_gives_every_cell_the_same_budget(profile):
 
 
 def test_bad_sweep_options_are_refused_before_work(tmp_path):
-    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'cpu_fp32', 'cpu_fixed_optimizer', 'calibration', 'paper'"):
+    with pytest.raises(ConfigError, match="--profile.*allowed: 'smoke', 'cpu', 'cpu_fp32', 'cpu_fixed_optimizer', 'cpu_long', 'calibration', 'paper'"):
         sweep("huge", tmp_path / "a", None, None, "grid", None, None)
     with pytest.raises(ConfigError, match="--cells: unknown cells \\['nope-A-s0'\\]"):
         sweep("smoke", tmp_path / "b", None, None, "grid", None, ["nope-A-s0"])
