@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import logging
 import os
 import statistics
 import sys
@@ -90,18 +89,12 @@ def quiet_log() -> Iterator[None]:
         # Lightning's pytree helper builds torch's deprecated LeafSpec (torch 2.13, every fit)
         (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     )
-    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    from lit_mpdit.runtime import quiet_loggers
+
+    with warnings.catch_warnings(), quiet_loggers(*QUIET_LOGGERS):
         for category, message in harmless:
             warnings.filterwarnings("ignore", message, category)
-        for logger in loggers:
-            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
+        yield
 
 
 def storage_for(url: str):

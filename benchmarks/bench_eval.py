@@ -140,11 +140,13 @@ def non_training_share(seconds: dict, evaluation_ratio: float = 1.0) -> float:
 def protocol_agreement(profile: dict, ckpts: list[str], specs: list[str], cell: str | None) -> dict:
     """Each checkpoint's FID under each protocol (paired: same noise seed and reference), the first the reference."""
     base = Protocol(**profile["eval"])
+    split = base.reference_split
     rows = []
     for ckpt in ckpts:
+        module = load_for_evaluation(ckpt, base, None)  # the protocols differ in the sampler only: one load
         for spec in specs:
             protocol = dataclasses.replace(base, **parse_protocol(spec))
-            result = evaluate(load_for_evaluation(ckpt, protocol, None), "fashion_mnist:test", lambda: DATASETS["fashion_mnist"]().reference_images("test", base.n_ref), protocol)
+            result = evaluate(module, f"fashion_mnist:{split}", lambda: DATASETS["fashion_mnist"]().reference_images(split, base.n_ref), protocol)
             rows.append({"ckpt": ckpt, "protocol": spec, **{k: result[k] for k in ("fid", "fid_lo", "fid_hi")}, "seconds": result["seconds"]})
             print(f"[bench_eval] {ckpt}: {spec}: FID {result['fid']:.2f} [{result['fid_lo']:.2f}, {result['fid_hi']:.2f}] in {result['seconds']['total']:.0f} s", flush=True)
     reference = {r["ckpt"]: r for r in rows if r["protocol"] == specs[0]}

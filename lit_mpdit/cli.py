@@ -307,13 +307,11 @@ def untrained_module(config: str):
     import lightning as L
 
     L.seed_everything(0, verbose=False)
-    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available", the litlogger tip
-    level = banner.level
-    banner.setLevel(logging.WARNING)  # the Trainer is built only for the model: its device lines would mislead
-    try:
+    from lit_mpdit.runtime import quiet_loggers
+
+    # The Trainer is built only for the model: its "GPU available" lines and litlogger tip would mislead.
+    with quiet_loggers("lightning.pytorch.utilities.rank_zero"):
         cli = lightning_cli(["--config", config, "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
-    finally:
-        banner.setLevel(level)
     return cli.model
 
 

@@ -96,6 +96,11 @@ class GaussianDiffusion:
         out = self._on[key][name][k]
         return out.view(-1, *([1] * (like.ndim - 1))) if name != "timestep_map" else out
 
+    def most_steps(self, sampler: str) -> int:
+        """The most sampling steps `sampler` takes over the base schedule: all T, one fewer for diffusers' solvers
+        (at T steps their spacing's step falls below 1: a repeated t, a zero-length step, NaN)."""
+        return self.num_timesteps - (sampler in MULTISTEP)
+
     def multistep_solver(self, clip_x0: bool, sampler: str = "dpm++2m"):
         """diffusers' DPM-Solver++(2M) (or its SDE variant) in as many steps as this diffusion keeps, on the
         base T's β and in diffusers' own step spacing (999 … T/K, then to σ = 0: a second-order step onto t = 0
@@ -105,8 +110,8 @@ class GaussianDiffusion:
             from diffusers import DPMSolverMultistepScheduler
         except ImportError:
             raise ConfigError(f"--sampler {sampler}: needs diffusers (pip install 'lit_mpdit[latents]')") from None
-        if self.num_steps >= self.num_timesteps:  # the spacing's step falls below 1: a repeated t, a zero-length step, NaN
-            raise ConfigError(f"--steps: {sampler} takes at most {self.num_timesteps - 1} steps, got {self.num_steps}")
+        if self.num_steps > self.most_steps(sampler):
+            raise ConfigError(f"--steps: {sampler} takes at most {self.most_steps(sampler)} steps, got {self.num_steps}")
         base = linear_alphas_cumprod(self.num_timesteps)
         solver = DPMSolverMultistepScheduler(
             num_train_timesteps=self.num_timesteps,

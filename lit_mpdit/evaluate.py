@@ -73,13 +73,11 @@ def evaluate(
     """Sample `n_fake` images, compare them with the reference by FID, bootstrap an interval. Latent models
     pass their data module's `to_images`, which decodes with the VAE. `subsets` gives a smaller-N FID from the
     same images for free (a convergence curve's last point, at the curve's N)."""
-    from lit_mpdit.diffusion import MULTISTEP
     from lit_mpdit.images import to_uint8
     from lit_mpdit.metrics.fid import InceptionFeatures, fid_from_features, reference_features
     from lit_mpdit.metrics.frechet import bootstrap_fid
 
-    most = module.diffusion.num_steps - (protocol.sampler in MULTISTEP)  # GaussianDiffusion.multistep_solver
-    check_range("--steps", protocol.steps, 1, most)  # before minutes of reference features
+    check_range("--steps", protocol.steps, 1, module.diffusion.most_steps(protocol.sampler))  # before minutes of reference features
     started = time.perf_counter()
     net = InceptionFeatures(protocol.precision)
     loaded = time.perf_counter()

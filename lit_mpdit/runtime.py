@@ -1,8 +1,10 @@
 """Process-wide settings for the processes that train: the CLI, the sweep driver, the benchmark."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import logging
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers (glibc <malloc.h>)
@@ -79,3 +81,17 @@ AUTO = "auto"  # a profile's precision: bf16 where it pays (`bf16_pays`), fp32 e
 def resolve_precision(value: str, bf16: str, fp32: str) -> str:
     """`value`; for "auto", the bf16 spelling where bf16 is faster than fp32 here and the fp32 one elsewhere."""
     return (bf16 if bf16_pays() else fp32) if value == AUTO else value
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """The named loggers at WARNING or above while inside: their information lines dropped, warnings kept."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
