@@ -63,15 +63,45 @@ def search_spec(profile_name: str, name: str | None) -> dict:
 
 
 def search(profile_name: str, out: Path, name: str | None = None) -> pd.DataFrame:
-    from ablations.cells import grid_flags_of
+    import time
+
+    from ablations.cells import grid_flags_of, load_profile, precisions_of
     from ablations.sweep import sweep
 
     spec = search_spec(profile_name, name)
+    precision = precisions_of(load_profile(profile_name))["train"]
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"  # one MLflow store for the search: every rate's runs side by side
-    for cell in spec["cells"]:
-        for lr in spec[grid_flags_of(cell).family]:
-            sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr)
+    runs = [(cell, lr) for cell in spec["cells"] for lr in spec[grid_flags_of(cell).family]]
+    started, before = time.time(), finished_runs(out, runs)
+    for cell, lr in runs:
+        print(progress(out, runs, before, started, precision), flush=True)
+        sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr)
+    print(progress(out, runs, before, started, precision), flush=True)
     return write_table(profile_name, out, name)
+
+
+def finished_runs(out: Path, runs: list[tuple[str, float]]) -> dict[tuple[str, float], dict]:
+    """The search's finished (cell, learning rate) runs under `out`, each with its result.json."""
+    paths = {run: lr_folder(out, run[1]) / "cells" / run[0] / "result.json" for run in runs}
+    return {run: json.loads(path.read_text()) for run, path in paths.items() if path.exists()}
+
+
+def progress(out: Path, runs: list[tuple[str, float]], before: dict, started: float, precision: str) -> str:
+    """The search's progress line over its sweeps ('[lr search] 3/12 cells finished (1 this run), …, ETA 85 min'):
+    each rate is a sweep of one cell, whose own line cannot see the rest. The ETA takes the median of the cells this
+    run finished, or else of those an earlier run left in `out` trained in this run's `precision` ("~")."""
+    import statistics
+
+    from ablations.sweep import progress_line, recurring_s
+
+    done = finished_runs(out, runs)
+    fresh = [r for run, r in done.items() if run not in before]
+    walls = [recurring_s(r) for r in fresh if "wall_s" in r and not r.get("resumed_from_step")]
+    earlier = [recurring_s(r) for r in before.values() if "wall_s" in r and r.get("train_precision") == precision]
+    return progress_line(
+        len(done), len(runs), 0, len(fresh), started, walls, statistics.median(earlier) if earlier else None,
+        label="lr search", committed_source=f"earlier runs' pace in {precision}",
+    )
 
 
 def write_table(profile_name: str, out: Path, name: str | None = None) -> pd.DataFrame:

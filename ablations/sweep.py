@@ -88,6 +88,8 @@ def quiet_log() -> Iterator[None]:
         (ExperimentalWarning, r"optuna\.storages\._heartbeat\.fail_stale_trials is experimental"),
         # Lightning's pytree helper builds torch's deprecated LeafSpec (torch 2.13, every fit)
         (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+        # a cell started afresh where a killed run left no checkpoint: its CSV logger replaces that run's metrics
+        (UserWarning, r"Experiment logs directory .* exists and is not empty"),
     )
     from lit_mpdit.runtime import quiet_loggers
 
@@ -228,7 +230,10 @@ def cell_states(study) -> dict[str, set[str]]:
     return states
 
 
-def progress_line(done: int, total: int, running: int, done_here: int, started: float, walls: list[float], committed: float | None = None) -> str:
+def progress_line(
+    done: int, total: int, running: int, done_here: int, started: float, walls: list[float], committed: float | None = None,
+    label: str = "grid", committed_source: str = "committed run's pace",
+) -> str:
     """'[grid] 5/21 cells finished (2 this run), 1 running, 31.2 min elapsed, ETA 98 min'.
 
     The ETA counts each cell left at the median time of the cells this run finished (`walls`: each one's wall
@@ -236,15 +241,16 @@ def progress_line(done: int, total: int, running: int, done_here: int, started: 
     864 s where the others took 375-484 s, for torch.compile's first compile and the FID reference features.
     Until a cell has finished, the committed run's median (`committed`) stands in, marked "~"; without it the ETA
     is unknown. The cells left are shared by the workers, this one and one per running cell. Under ten minutes
-    it is given to a tenth of a minute."""
+    it is given to a tenth of a minute. `label` and `committed_source` name the loop (a learning-rate search
+    prints its own line over its sweeps, `lr_search.progress`) and where its stand-in pace comes from."""
     elapsed = (time.time() - started) / 60
-    head = f"[grid] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed"
+    head = f"[{label}] {done}/{total} cells finished ({done_here} this run), {running} running, {elapsed:.1f} min elapsed"
     if done == total:
         return f"{head}, done"
     if walls:
         pace, mark, source = statistics.median(walls), "", ""
     elif committed:
-        pace, mark, source = committed, "~", " (committed run's pace)"
+        pace, mark, source = committed, "~", f" ({committed_source})"
     else:
         return f"{head}, ETA unknown"
     minutes = (total - done) * pace / (running + 1) / 60

@@ -82,6 +82,31 @@ def test_lr_table_marks_the_best_learning_rate_of_each_cell(tmp_path):
     assert "| adaln-E-s0 |" in (tmp_path / "lr_table.md").read_text()
 
 
+def test_lr_search_progress_counts_every_rate_and_takes_its_pace_from_the_search_itself(tmp_path):
+    import time
+
+    from ablations.lr_search import finished_runs, lr_folder, progress
+
+    runs = [(cell, lr) for cell in ("adaln-morph_A-s0", "adaln-morph_E-s0") for lr in (4e-3, 8e-3, 1.6e-2)]
+
+    def finish(cell, lr, wall, precision="32-true", **extra):
+        folder = lr_folder(tmp_path, lr) / "cells" / cell
+        folder.mkdir(parents=True)
+        record = {"cell": cell, "lr": lr, "wall_s": wall, "one_time_s": 20.0, "train_precision": precision, **extra}
+        (folder / "result.json").write_text(json.dumps(record))
+
+    started = time.time()
+    assert progress(tmp_path, runs, {}, started, "32-true").endswith("0/6 cells finished (0 this run), 0 running, 0.0 min elapsed, ETA unknown")
+    finish("adaln-morph_A-s0", 4e-3, 1220.0)  # an earlier session's cells: this precision's stand in, marked "~"
+    finish("adaln-morph_A-s0", 8e-3, 400.0, precision="bf16-mixed")  # ... another machine's pace does not
+    before = finished_runs(tmp_path, runs)
+    line = progress(tmp_path, runs, before, started, "32-true")
+    assert line.startswith("[lr search] 2/6 cells finished (0 this run)") and line.endswith("ETA ~80 min (earlier runs' pace in 32-true)")
+    finish("adaln-morph_A-s0", 1.6e-2, 620.0)  # this run's first cell: its own pace wins
+    finish("adaln-morph_E-s0", 4e-3, 9000.0, resumed_from_step=1500)  # a resumed cell's time says nothing of a whole one
+    assert progress(tmp_path, runs, before, started, "32-true").endswith("4/6 cells finished (2 this run), 0 running, 0.0 min elapsed, ETA 20 min")
+
+
 def test_a_fixed_learning_rate_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="--lr: a positive learning rate for --mode grid, got 0.001 with --mode tpe"):
         sweep("smoke", tmp_path / "a", None, None, "tpe", None, None, 1e-3)
