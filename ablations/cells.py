@@ -102,13 +102,13 @@ def grid_cells(grid: dict[str, Any], seeds: list[int], claim_seeds: list[int] | 
 
 def study_cells(grid: dict[str, Any], name: str, seeds: list[int], claim_seeds: list[int] | None = None) -> list[Cell]:
     """The cells of one of grid.yaml's `studies` (sets of cells beside the grid): every `conditioning` with every
-    `mp`, or the (conditioning, mp) `pairs` it lists, at every seed (`seeds: claim`: at the profile's claim seeds),
-    each seed's cells together."""
+    `mp`, or the (conditioning, mp) `pairs` it lists, at every seed (`seeds: claim`: at the profile's claim seeds;
+    `seeds: [0, 1, …]`: at those), each seed's cells together."""
     studies = grid.get("studies", {})
     check_choice("--group", name, studies)
     study = studies[name]
     pairs = [tuple(p) for p in study["pairs"]] if "pairs" in study else [(c, mp) for c in study["conditioning"] for mp in study["mp"]]
-    at = (claim_seeds or seeds) if study.get("seeds") == "claim" else seeds
+    at = study["seeds"] if isinstance(study.get("seeds"), list) else (claim_seeds or seeds) if study.get("seeds") == "claim" else seeds
     return [Cell(c, mp, seed) for seed in at for c, mp in pairs]
 
 

@@ -43,6 +43,19 @@ def test_the_paper_models_study_trains_every_branch_at_the_claim_seeds_each_seed
     assert {grid_design(c.conditioning, c.mp)["variant"] for c in cells} == set(PAPER_VARIANTS) - {f"old-mod_opts/{s}" for s in ("shift", "scale", "rotation")}
 
 
+def test_the_claim_2_seeds_study_holds_eight_paired_seeds_of_both_rung_e_cells_whatever_the_profile():
+    from ablations.cells import study_cells
+
+    grid = load_yaml(HERE / "grid.yaml")
+    for seeds, claim_seeds in (([0], [0, 1, 2]), ([0, 1], None)):  # its own seeds, not the profile's
+        cells = study_cells(grid, "claim2_seeds", seeds=seeds, claim_seeds=claim_seeds)
+        assert [c.id for c in cells[:4]] == ["adaln-E-s0", "rotation+scale-E-s0", "adaln-E-s1", "rotation+scale-E-s1"]
+        assert [c.seed for c in cells] == [s for s in range(8) for _ in range(2)]
+    import ablations.claims as claims
+
+    assert (2, ("adaln", "E"), ("rotation+scale", "E")) in [c[:3] for c in claims.COMPARISONS]  # its row in claims.md
+
+
 def test_the_paper_models_learning_rate_grids_straddle_each_familys_best():
     from ablations.cells import buildable, grid_flags_of
     from ablations.lr_search import search_spec
