@@ -90,16 +90,13 @@ def progress(out: Path, runs: list[tuple[str, float]], before: dict, started: fl
     """The search's progress line over its sweeps ('[lr search] 3/12 cells finished (1 this run), …, ETA 85 min'):
     each rate is a sweep of one cell, whose own line cannot see the rest. The ETA takes the median of the cells this
     run finished, or else of those an earlier run left in `out` trained in this run's `precision` ("~")."""
-    import statistics
-
-    from ablations.sweep import progress_line, recurring_s
+    from ablations.sweep import median_pace, progress_line
 
     done = finished_runs(out, runs)
     fresh = [r for run, r in done.items() if run not in before]
-    walls = [recurring_s(r) for r in fresh if "wall_s" in r and not r.get("resumed_from_step")]
-    earlier = [recurring_s(r) for r in before.values() if "wall_s" in r and r.get("train_precision") == precision]
+    pace = median_pace(fresh)
     return progress_line(
-        len(done), len(runs), 0, len(fresh), started, walls, statistics.median(earlier) if earlier else None,
+        len(done), len(runs), 0, len(fresh), started, [pace] if pace else [], median_pace(before.values(), precision),
         label="lr search", committed_source=f"earlier runs' pace in {precision}",
     )
 

@@ -278,7 +278,16 @@ def committed_pace(profile: str, precision: str) -> float | None:
     its cells trained in `precision` (this run's: a machine where bf16 does not pay trains in fp32, at another
     pace), with one-time costs left out as `cell_walls` does (where recorded)."""
     records = [json.loads(p.read_text()) for p in (HERE.parent / "results" / "ablations" / profile / "cells").glob("*/result.json")]
-    walls = [recurring_s(r) for r in records if r.get("wall_s") is not None and r.get("train_precision") == precision]
+    return median_pace(records, precision)
+
+
+def median_pace(records, precision: str | None = None) -> float | None:
+    """The median recurring time (`recurring_s`) of finished cells' records, those trained in `precision` if
+    given; a resumed cell's, which covers only its last part, left out. None without any."""
+    walls = [
+        recurring_s(r) for r in records
+        if r.get("wall_s") is not None and not r.get("resumed_from_step") and precision in (None, r.get("train_precision"))
+    ]
     return statistics.median(walls) if walls else None
 
 
