@@ -73,9 +73,10 @@ def search(profile_name: str, out: Path, name: str | None = None) -> pd.DataFram
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"  # one MLflow store for the search: every rate's runs side by side
     runs = [(cell, lr) for cell in spec["cells"] for lr in spec[grid_flags_of(cell).family]]
     started, before = time.time(), finished_runs(out, runs)
-    for cell, lr in runs:
-        print(progress(out, runs, before, started, precision), flush=True)
-        sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr)
+    for cell, lr in runs:  # one progress line per run to train; a finished run's sweep only rebuilds its tables
+        if (cell, lr) not in finished_runs(out, [(cell, lr)]):
+            print(progress(out, runs, before, started, precision), flush=True)
+        sweep(profile_name, lr_folder(out, lr), None, tracking_uri, "grid", None, [cell], lr, progress=False)
     print(progress(out, runs, before, started, precision), flush=True)
     return write_table(profile_name, out, name)
 

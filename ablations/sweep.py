@@ -291,10 +291,13 @@ def median_pace(records, precision: str | None = None) -> float | None:
     return statistics.median(walls) if walls else None
 
 
-def run_grid(study, objective, cells: list[str], started: float | None = None, committed: float | None = None) -> None:
+def run_grid(
+    study, objective, cells: list[str], started: float | None = None, committed: float | None = None, progress: bool = True,
+) -> None:
     """Run grid points in the order of `cells` until every cell is finished, here or by other workers on the same
-    storage, printing one progress line (cells finished, elapsed time, ETA) per cell; `committed`: the committed
-    run's wall time per cell (`progress_line`).
+    storage, printing one progress line (cells finished, elapsed time, ETA) per cell unless `progress` is False (a
+    loop over sweeps that prints its own, `lr_search.search`); `committed`: the committed run's wall time per cell
+    (`progress_line`).
 
     Optuna's grid counts a failed or pruned trial as done, so cells whose trials crashed (or were
     found stale by the heartbeat) are queued again; cells running elsewhere are waited for.
@@ -311,7 +314,8 @@ def run_grid(study, objective, cells: list[str], started: float | None = None, c
         done = len(cells) - len(todo)
         finished_before = done if finished_before is None else finished_before
         walls = cell_walls(study, first_trial)
-        print(progress_line(done, len(cells), len(states["running"]), done - finished_before, started, walls, committed), flush=True)
+        if progress:
+            print(progress_line(done, len(cells), len(states["running"]), done - finished_before, started, walls, committed), flush=True)
         if not todo:
             return
         idle = [c for c in todo if c not in states["running"] | states["queued"]]
@@ -393,6 +397,7 @@ def sweep(
     cells_filter: list[str] | None,
     lr: float | None = None,  # every cell's learning rate, in place of the profile's (a learning-rate grid)
     group: str | None = None,  # a study of grid.yaml (`studies`) in place of the grid
+    progress: bool = True,  # False: no progress lines, for a loop over sweeps that prints its own (`run_grid`)
 ) -> Path:
     import mlflow
     import optuna
@@ -435,14 +440,15 @@ def sweep(
 
     baseline = load_yaml(HERE / "grid.yaml")["baseline"]
     if mode == "grid" and cell_states(study)["finished"] >= set(ids):  # e.g. the committed results of a clone
-        print(f"[sweep] all {len(ids)} cells finished in an earlier run: rebuilding the tables (--out elsewhere trains afresh)", flush=True)
+        if progress:
+            print(f"[sweep] all {len(ids)} cells finished in an earlier run: rebuilding the tables (--out elsewhere trains afresh)", flush=True)
         return write_report(study, out, profile_name, baseline, crashed_cells(study))  # the stores and sweep_run.json stay as that run left them
     started = time.time()
     with mlflow.start_run(run_name=f"sweep-{profile_name}", log_system_metrics=True):
         mlflow.log_params({"profile": profile_name, "mode": mode, "cells": len(ids)})
         mlflow.log_dict(profile, "profile.json")
         if mode == "grid":
-            run_grid(study, objective, ids, started, committed_pace(profile_name, precisions_of(profile)["train"]))
+            run_grid(study, objective, ids, started, committed_pace(profile_name, precisions_of(profile)["train"]), progress)
         else:
             study.optimize(objective, n_trials=n_trials or 8, catch=(Exception,))
         crashed = crashed_cells(study)

@@ -120,6 +120,41 @@ def test_lr_search_progress_counts_every_rate_and_takes_its_pace_from_the_search
     assert progress(tmp_path, runs, before, started, "32-true").endswith("4/6 cells finished (2 this run), 0 running, 0.0 min elapsed, ETA 20 min")
 
 
+def test_an_lr_searchs_log_is_one_line_of_its_own_per_run_it_trains(tmp_path, monkeypatch, capsys):
+    """Each rate's one-cell sweep printed its own "[grid] 0/1 …, ETA unknown" line under the search's, and each
+    finished run its "all cells finished" line: the search's log is its own line per run to train, and a last one."""
+    import optuna
+
+    import ablations.sweep
+    from ablations.cells import grid_flags_of
+    from ablations.lr_search import lr_folder, search, search_spec
+    from ablations.sweep import cell_grid, run_grid
+
+    trained = []
+
+    def fake_sweep(profile, out, storage, tracking, mode, n_trials, cells, lr, progress=True):
+        assert progress is False  # the search's line stands for the sweep's
+        folder = out / "cells" / cells[0]
+        if not (folder / "result.json").exists():
+            trained.append((cells[0], lr))
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text(json.dumps({"cell": cells[0], "lr": lr, "fid": 100.0 * lr, "wall_s": 600.0}))
+
+    spec = search_spec("cpu", "paper")
+    runs = [(cell, lr) for cell in spec["cells"] for lr in spec[grid_flags_of(cell).family]]
+    fake_sweep("cpu", lr_folder(tmp_path, runs[0][1]), None, None, "grid", None, [runs[0][0]], runs[0][1], progress=False)
+    trained.clear()  # an earlier session's run
+    monkeypatch.setattr(ablations.sweep, "sweep", fake_sweep)
+    search("cpu", tmp_path, "paper")
+    lines = capsys.readouterr().out.splitlines()
+    assert trained == runs[1:] and len(lines) == len(runs) and all(line.startswith("[lr search] ") for line in lines)
+    assert lines[0].startswith(f"[lr search] 1/{len(runs)} cells finished (0 this run)") and lines[-1].endswith(", done")
+
+    study = optuna.create_study(sampler=cell_grid(CELLS))
+    run_grid(study, lambda trial: float(len(trial.suggest_categorical("cell", CELLS))), CELLS, progress=False)
+    assert capsys.readouterr().out == "" and len(study.trials) == len(CELLS)
+
+
 def test_a_fixed_learning_rate_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="--lr: a positive learning rate for --mode grid, got 0.001 with --mode tpe"):
         sweep("smoke", tmp_path / "a", None, None, "tpe", None, None, 1e-3)
